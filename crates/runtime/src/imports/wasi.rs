@@ -1,0 +1,296 @@
+//! The WASI preview1 subset the Proxy-Wasm spec expects (also under `wasi_unstable`, as
+//! proxy-wasm-cpp-host registers it): stdout/stderr to the plugin log, clocks, randomness, the
+//! plugin's own environment, empty arguments, and `proc_exit` ending the VM. Every other preview1
+//! name links and answers BADF (descriptors: there are none) or NOSYS, so SDK start-up code links.
+
+use std::sync::OnceLock;
+use std::time::{Instant, SystemTime, UNIX_EPOCH};
+
+use wasmgate_abi::{LogLevel, errno};
+use wasmtime::{Caller, FuncType, Linker, Val, ValType};
+
+use super::proxy::log_line;
+use crate::memory::{check, with_bytes, write, write_u32, write_u64};
+use crate::state::VmState;
+
+pub(crate) const MODULES: [&str; 2] = ["wasi_snapshot_preview1", "wasi_unstable"];
+
+/// Functions with a real implementation.
+pub(crate) const IMPLEMENTED: &[&str] = &[
+    "fd_write",
+    "fd_fdstat_get",
+    "clock_time_get",
+    "clock_res_get",
+    "random_get",
+    "environ_get",
+    "environ_sizes_get",
+    "args_get",
+    "args_sizes_get",
+    "proc_exit",
+    "sched_yield",
+];
+
+/// The rest of preview1, each answering a fixed errno.
+pub(crate) const STUBS: &[(&str, i32)] = &[
+    ("fd_advise", errno::BADF),
+    ("fd_allocate", errno::BADF),
+    ("fd_close", errno::BADF),
+    ("fd_datasync", errno::BADF),
+    ("fd_fdstat_set_flags", errno::BADF),
+    ("fd_fdstat_set_rights", errno::BADF),
+    ("fd_filestat_get", errno::BADF),
+    ("fd_filestat_set_size", errno::BADF),
+    ("fd_filestat_set_times", errno::BADF),
+    ("fd_pread", errno::BADF),
+    ("fd_prestat_get", errno::BADF),
+    ("fd_prestat_dir_name", errno::BADF),
+    ("fd_pwrite", errno::BADF),
+    ("fd_read", errno::BADF),
+    ("fd_readdir", errno::BADF),
+    ("fd_renumber", errno::BADF),
+    ("fd_seek", errno::BADF),
+    ("fd_sync", errno::BADF),
+    ("fd_tell", errno::BADF),
+    ("path_create_directory", errno::BADF),
+    ("path_filestat_get", errno::BADF),
+    ("path_filestat_set_times", errno::BADF),
+    ("path_link", errno::BADF),
+    ("path_open", errno::BADF),
+    ("path_readlink", errno::BADF),
+    ("path_remove_directory", errno::BADF),
+    ("path_rename", errno::BADF),
+    ("path_symlink", errno::BADF),
+    ("path_unlink_file", errno::BADF),
+    ("poll_oneoff", errno::NOSYS),
+    ("proc_raise", errno::NOSYS),
+    ("sock_accept", errno::BADF),
+    ("sock_recv", errno::BADF),
+    ("sock_send", errno::BADF),
+    ("sock_shutdown", errno::BADF),
+];
+
+pub(crate) fn defines(name: &str) -> bool {
+    IMPLEMENTED.contains(&name) || STUBS.iter().any(|(stub, _)| *stub == name)
+}
+
+/// Largest `random_get` request answered; more is INVAL (as in proxy-wasm-cpp-host).
+const MAX_RANDOM_BYTES: u32 = 64 * 1024;
+
+/// `proc_exit` as a trap: the guest asked to end, and the VM cannot serve after that.
+#[derive(Debug)]
+pub struct ProcExit(pub i32);
+
+impl std::fmt::Display for ProcExit {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "the plugin called proc_exit({})", self.0)
+    }
+}
+
+impl std::error::Error for ProcExit {}
+
+type C<'a> = Caller<'a, VmState>;
+
+fn errno_of(result: Result<(), wasmgate_abi::Status>) -> i32 {
+    match result {
+        Ok(()) => errno::SUCCESS,
+        Err(_) => errno::FAULT,
+    }
+}
+
+/// Adds the implemented functions, and a stub for every stub name `imports` asks for, typed as the
+/// module imports it (preview1 and `wasi_unstable` differ in a few signatures).
+pub(crate) fn add_to_linker(
+    linker: &mut Linker<VmState>,
+    imports: &[(String, String, FuncType)],
+) -> wasmtime::Result<()> {
+    for module in MODULES {
+        linker.func_wrap(
+            module,
+            "fd_write",
+            |mut c: C<'_>, fd: u32, iovs: u32, count: u32, out: u32| -> i32 {
+                fd_write(&mut c, fd, iovs, count, out)
+            },
+        )?;
+        linker.func_wrap(
+            module,
+            "fd_fdstat_get",
+            |mut c: C<'_>, fd: u32, out: u32| -> i32 {
+                if !(1..=2).contains(&fd) {
+                    return errno::BADF;
+                }
+                // filetype CHARACTER_DEVICE, no flags, no rights: enough for "is this a terminal" checks.
+                let mut fdstat = [0u8; 24];
+                fdstat[0] = 2;
+                errno_of(write(&mut c, out, &fdstat))
+            },
+        )?;
+        linker.func_wrap(
+            module,
+            "clock_time_get",
+            |mut c: C<'_>, id: u32, _precision: u64, out: u32| -> i32 {
+                match clock_now(id) {
+                    Some(nanos) => errno_of(write_u64(&mut c, out, nanos)),
+                    None => errno::NOTSUP,
+                }
+            },
+        )?;
+        linker.func_wrap(
+            module,
+            "clock_res_get",
+            |mut c: C<'_>, id: u32, out: u32| -> i32 {
+                match clock_now(id) {
+                    Some(_) => errno_of(write_u64(&mut c, out, 1)),
+                    None => errno::NOTSUP,
+                }
+            },
+        )?;
+        linker.func_wrap(
+            module,
+            "random_get",
+            |mut c: C<'_>, buf: u32, len: u32| -> i32 {
+                if len > MAX_RANDOM_BYTES {
+                    return errno::INVAL;
+                }
+                let mut bytes = vec![0u8; len as usize];
+                if getrandom::fill(&mut bytes).is_err() {
+                    return errno::INVAL;
+                }
+                errno_of(write(&mut c, buf, &bytes))
+            },
+        )?;
+        linker.func_wrap(
+            module,
+            "environ_sizes_get",
+            |mut c: C<'_>, count_out: u32, size_out: u32| -> i32 {
+                let env = &c.data().environment;
+                let count = env.len() as u32;
+                let size = env.iter().map(|e| e.len() + 1).sum::<usize>() as u32;
+                errno_of(
+                    write_u32(&mut c, count_out, count)
+                        .and_then(|()| write_u32(&mut c, size_out, size)),
+                )
+            },
+        )?;
+        linker.func_wrap(
+            module,
+            "environ_get",
+            |mut c: C<'_>, pointers: u32, buffer: u32| -> i32 {
+                environ_get(&mut c, pointers, buffer)
+            },
+        )?;
+        linker.func_wrap(
+            module,
+            "args_sizes_get",
+            |mut c: C<'_>, count_out: u32, size_out: u32| -> i32 {
+                errno_of(
+                    write_u32(&mut c, count_out, 0).and_then(|()| write_u32(&mut c, size_out, 0)),
+                )
+            },
+        )?;
+        linker.func_wrap(
+            module,
+            "args_get",
+            |c: C<'_>, pointers: u32, buffer: u32| -> i32 {
+                errno_of(check(&c, pointers, 0).and_then(|()| check(&c, buffer, 0)))
+            },
+        )?;
+        linker.func_wrap(
+            module,
+            "proc_exit",
+            |mut c: C<'_>, code: i32| -> wasmtime::Result<()> {
+                c.data_mut().exit_code = Some(code);
+                Err(wasmtime::Error::new(ProcExit(code)))
+            },
+        )?;
+        linker.func_wrap(module, "sched_yield", || -> i32 { errno::SUCCESS })?;
+    }
+    for (module, name, ty) in imports {
+        let Some(&(_, answer)) = STUBS.iter().find(|(stub, _)| stub == name) else {
+            continue;
+        };
+        if !MODULES.contains(&module.as_str()) {
+            continue;
+        }
+        let returns_errno = matches!(ty.results().collect::<Vec<_>>().as_slice(), [ValType::I32]);
+        linker.func_new(
+            module,
+            name,
+            ty.clone(),
+            move |_, _, results: &mut [Val]| {
+                if returns_errno {
+                    results[0] = Val::I32(answer);
+                }
+                Ok(())
+            },
+        )?;
+    }
+    Ok(())
+}
+
+fn clock_now(id: u32) -> Option<u64> {
+    static BASE: OnceLock<Instant> = OnceLock::new();
+    match id {
+        0 => Some(
+            SystemTime::now()
+                .duration_since(UNIX_EPOCH)
+                .ok()?
+                .as_nanos() as u64,
+        ),
+        // Monotonic time counts from a process-wide base; only differences mean anything.
+        1 => Some(BASE.get_or_init(Instant::now).elapsed().as_nanos() as u64 + 1),
+        _ => None,
+    }
+}
+
+fn fd_write(c: &mut C<'_>, fd: u32, iovs: u32, count: u32, written_out: u32) -> i32 {
+    let level = match fd {
+        1 => LogLevel::Info,
+        2 => LogLevel::Error,
+        _ => return errno::BADF,
+    };
+    let Some(table_len) = count.checked_mul(8) else {
+        return errno::FAULT;
+    };
+    let Ok(table) = with_bytes(c, iovs, table_len, |bytes, _| bytes.to_vec()) else {
+        return errno::FAULT;
+    };
+    let mut message = Vec::new();
+    for entry in table.chunks_exact(8) {
+        let ptr = u32::from_le_bytes(entry[..4].try_into().expect("4 bytes"));
+        let len = u32::from_le_bytes(entry[4..].try_into().expect("4 bytes"));
+        if with_bytes(c, ptr, len, |bytes, _| message.extend_from_slice(bytes)).is_err() {
+            return errno::FAULT;
+        }
+    }
+    if write_u32(c, written_out, message.len() as u32).is_err() {
+        return errno::FAULT;
+    }
+    let text = String::from_utf8_lossy(&message);
+    for line in text.trim_end_matches('\n').split('\n') {
+        log_line(c.data_mut(), level, line.to_owned());
+    }
+    errno::SUCCESS
+}
+
+fn environ_get(c: &mut C<'_>, pointers: u32, buffer: u32) -> i32 {
+    let env = c.data().environment.clone();
+    let mut offset = buffer;
+    for (index, entry) in env.iter().enumerate() {
+        let Some(slot) = (index as u32)
+            .checked_mul(4)
+            .and_then(|o| pointers.checked_add(o))
+        else {
+            return errno::FAULT;
+        };
+        let mut bytes = entry.clone();
+        bytes.push(0);
+        if write_u32(c, slot, offset).is_err() || write(c, offset, &bytes).is_err() {
+            return errno::FAULT;
+        }
+        let Some(next) = offset.checked_add(bytes.len() as u32) else {
+            return errno::FAULT;
+        };
+        offset = next;
+    }
+    errno::SUCCESS
+}

@@ -1,0 +1,26 @@
+//! The Proxy-Wasm host on wasmtime.
+//!
+//! A [`Runtime`] owns the engine, the compile cache and the process-wide shared state. It turns
+//! module bytes into a [`CompiledModule`] (checked against the ABI, linked once), from which each
+//! worker instantiates a [`Vm`]. A VM runs one or more plugins (root contexts) and their stream
+//! contexts; host calls that need a proxy go to the embedder's [`Host`](wasmgate_abi::Host).
+//!
+//! `unsafe` is allowed in this crate only where wasmtime requires it, each use with its reason.
+
+mod engine;
+mod error;
+mod imports;
+mod memory;
+mod module;
+mod properties;
+pub mod shared;
+mod state;
+mod vm;
+
+pub use engine::{Runtime, RuntimeConfig};
+pub use error::{LoadError, VmError};
+pub use imports::wasi::ProcExit;
+pub use module::{CompiledModule, ModuleInfo};
+pub use state::{PluginConfig, StreamData};
+pub use vm::{CallOutcome, Vm, VmConfig};
+pub use wasmgate_abi as abi;

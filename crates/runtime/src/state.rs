@@ -1,0 +1,170 @@
+//! What a VM's `Store` holds: contexts, the stream data the embedder hands in, callout state, and
+//! the handles host functions need (memory, allocator, the embedder's [`Host`]).
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::time::Duration;
+
+use wasmgate_abi::{HeaderMap, Host, LogLevel, StreamInfo};
+use wasmtime::{Memory, TypedFunc};
+
+use crate::shared::{Inbox, Shared};
+
+/// A plugin: one root context in a VM, with its name, root id and configuration.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct PluginConfig {
+    /// Shown in logs and as the `plugin_name` property.
+    pub name: String,
+    /// Chooses the guest's root context (`plugin_root_id`); often empty.
+    pub root_id: String,
+    /// What `proxy_on_configure` reads (buffer PLUGIN_CONFIGURATION).
+    pub configuration: Vec<u8>,
+}
+
+/// Per-stream data the embedder hands to the VM before a callback and reads back after it.
+///
+/// `None` means "not available in this stream (yet)": reads then answer empty or NOT_FOUND and
+/// writes BAD_ARGUMENT, as Envoy answers outside a map's window.
+#[derive(Debug, Clone, Default)]
+pub struct StreamData {
+    pub request_headers: Option<HeaderMap>,
+    pub request_trailers: Option<HeaderMap>,
+    pub response_headers: Option<HeaderMap>,
+    pub response_trailers: Option<HeaderMap>,
+    pub request_body: Option<Vec<u8>>,
+    pub response_body: Option<Vec<u8>>,
+    pub downstream_data: Option<Vec<u8>>,
+    pub upstream_data: Option<Vec<u8>>,
+    pub info: StreamInfo,
+}
+
+pub(crate) struct Context {
+    pub root: u32,
+    pub plugin: Arc<PluginConfig>,
+    pub stream: StreamData,
+    /// Properties the guest set (`proxy_set_property`), read back by `proxy_get_property`.
+    pub filter_state: HashMap<Vec<u8>, Vec<u8>>,
+    /// `proxy_on_done` returned false; `proxy_done` completes the context.
+    pub awaiting_done: bool,
+}
+
+impl Context {
+    pub fn is_root(&self, id: u32) -> bool {
+        self.root == id
+    }
+}
+
+/// Which callback is running, for the buffers and maps that only exist inside one.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Phase {
+    Idle,
+    Start,
+    VmStart,
+    Configure,
+    Stream,
+    HttpCallResponse,
+    GrpcInitialMetadata,
+    GrpcMessage,
+    GrpcTrailingMetadata,
+    GrpcClose,
+    ForeignFunction,
+    Other,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum CalloutKind {
+    Http,
+    Grpc,
+}
+
+/// An answer to an outbound call, visible to the guest during its callback.
+#[derive(Debug, Default)]
+pub(crate) struct Callout {
+    pub headers: Option<HeaderMap>,
+    pub body: Option<Vec<u8>>,
+    pub trailers: Option<HeaderMap>,
+}
+
+/// The log level guests see through `proxy_get_log_level`, shared by every VM of a runtime and
+/// changed at run time (admin `/logging`).
+#[derive(Debug)]
+pub struct LogLevelCell(AtomicU32);
+
+impl LogLevelCell {
+    pub fn new(level: LogLevel) -> Self {
+        Self(AtomicU32::new(level as u32))
+    }
+
+    pub fn get(&self) -> LogLevel {
+        LogLevel::from_raw(self.0.load(Ordering::Relaxed)).unwrap_or(LogLevel::Info)
+    }
+
+    pub fn set(&self, level: LogLevel) {
+        self.0.store(level as u32, Ordering::Relaxed);
+    }
+}
+
+pub struct VmState {
+    pub(crate) vm_id: String,
+    pub(crate) vm_configuration: Vec<u8>,
+    /// `KEY=VALUE` entries the guest sees through WASI `environ_*`: the plugin's own, never the host's.
+    pub(crate) environment: Vec<Vec<u8>>,
+    pub(crate) host: Box<dyn Host>,
+    pub(crate) shared: Arc<Shared>,
+    pub(crate) log_level: Arc<LogLevelCell>,
+    pub(crate) inbox: Arc<Inbox>,
+
+    pub(crate) memory: Option<Memory>,
+    pub(crate) allocator: Option<TypedFunc<u32, u32>>,
+
+    pub(crate) contexts: HashMap<u32, Context>,
+    pub(crate) next_context_id: u32,
+    /// The context of the running callback, and the one host calls act on (`proxy_set_effective_context`).
+    pub(crate) current: u32,
+    pub(crate) effective: u32,
+    pub(crate) phase: Phase,
+
+    pub(crate) next_token: u32,
+    pub(crate) callouts: HashMap<u32, (CalloutKind, u32)>,
+    pub(crate) callout: Callout,
+    pub(crate) grpc_message: Option<Vec<u8>>,
+    pub(crate) call_status: (u32, Vec<u8>),
+    pub(crate) foreign_arguments: Option<Vec<u8>>,
+    pub(crate) tick_periods: HashMap<u32, Duration>,
+    /// Contexts whose `proxy_done` arrived; finished once the running callback returns.
+    pub(crate) done: Vec<u32>,
+    /// Set by WASI `proc_exit`, which ends the VM.
+    pub(crate) exit_code: Option<i32>,
+}
+
+impl VmState {
+    pub(crate) fn context(&self, id: u32) -> Option<&Context> {
+        self.contexts.get(&id)
+    }
+
+    pub(crate) fn effective_context(&self) -> Option<&Context> {
+        self.contexts.get(&self.effective)
+    }
+
+    pub(crate) fn effective_context_mut(&mut self) -> Option<&mut Context> {
+        self.contexts.get_mut(&self.effective)
+    }
+
+    /// The plugin the effective context belongs to, for logs and properties.
+    pub(crate) fn plugin_name(&self) -> &str {
+        self.effective_context()
+            .map(|c| c.plugin.name.as_str())
+            .unwrap_or("")
+    }
+
+    pub(crate) fn allocate_token(&mut self, kind: CalloutKind, context: u32) -> u32 {
+        loop {
+            self.next_token = self.next_token.wrapping_add(1).max(1);
+            if !self.callouts.contains_key(&self.next_token) {
+                self.callouts.insert(self.next_token, (kind, context));
+                return self.next_token;
+            }
+        }
+    }
+}

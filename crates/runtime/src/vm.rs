@@ -1,0 +1,867 @@
+//! A VM: one instance of a module in its own `Store`, with its root contexts (plugins) and stream
+//! contexts, driven through the callbacks in the order Envoy uses.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use wasmgate_abi::{AbiVersion, Action, HeaderMap, Host, PeerType};
+use wasmtime::{Func, Store, WasmBacktrace, WasmParams, WasmResults};
+
+use crate::engine::Runtime;
+use crate::error::VmError;
+use crate::imports::wasi::ProcExit;
+use crate::module::{CALLBACKS, CompiledModule};
+use crate::shared::Inbox;
+use crate::state::{Callout, CalloutKind, Context, Phase, PluginConfig, StreamData, VmState};
+
+/// What a VM is started with, shared by the plugins it runs.
+#[derive(Debug, Clone, Default)]
+pub struct VmConfig {
+    /// Scopes shared data and queues, as Envoy's `vm_id` does.
+    pub vm_id: String,
+    /// What `proxy_on_vm_start` reads (buffer VM_CONFIGURATION).
+    pub configuration: Vec<u8>,
+    /// The plugin's environment (WASI `environ_*`); the host's own is never exposed.
+    pub environment: Vec<(String, String)>,
+}
+
+/// The answer to an outbound HTTP call, handed back with [`Vm::on_http_call_response`].
+#[derive(Debug, Clone)]
+pub enum CallOutcome {
+    Response {
+        headers: HeaderMap,
+        body: Vec<u8>,
+        trailers: HeaderMap,
+    },
+    /// The call failed before a response (reset, timeout, refused). The guest sees zero headers
+    /// and `proxy_get_status` answers BROKEN_CONNECTION with this message, as in Envoy.
+    Failure { message: String },
+}
+
+pub struct Vm {
+    store: Store<VmState>,
+    module: Arc<CompiledModule>,
+    callbacks: HashMap<&'static str, Func>,
+    main: Option<Func>,
+    roots: HashMap<String, u32>,
+    failed: Option<String>,
+}
+
+impl Vm {
+    /// Instantiates `module` and runs its start-up code (`_initialize` then `main`, or `_start`).
+    pub fn new(
+        runtime: &Runtime,
+        module: &Arc<CompiledModule>,
+        config: VmConfig,
+        host: Box<dyn Host>,
+    ) -> Result<Self, VmError> {
+        let state = VmState {
+            vm_id: config.vm_id.clone(),
+            vm_configuration: config.configuration,
+            environment: config
+                .environment
+                .iter()
+                .map(|(k, v)| format!("{k}={v}").into_bytes())
+                .collect(),
+            host,
+            shared: runtime.shared.clone(),
+            log_level: runtime.log_level.clone(),
+            inbox: Arc::new(Inbox::default()),
+            memory: None,
+            allocator: None,
+            contexts: HashMap::new(),
+            next_context_id: 0,
+            current: 0,
+            effective: 0,
+            phase: Phase::Idle,
+            next_token: 0,
+            callouts: HashMap::new(),
+            callout: Callout::default(),
+            grpc_message: None,
+            call_status: (0, Vec::new()),
+            foreign_arguments: None,
+            tick_periods: HashMap::new(),
+            done: Vec::new(),
+            exit_code: None,
+        };
+        let mut store = Store::new(runtime.engine(), state);
+        let instance = module
+            .pre
+            .instantiate(&mut store)
+            .map_err(|e| VmError::Instantiate {
+                plugin: config.vm_id.clone(),
+                message: format!("{:#}", e.root_cause()),
+            })?;
+        let memory = instance.get_memory(&mut store, "memory");
+        let allocator = instance
+            .get_typed_func::<u32, u32>(&mut store, "proxy_on_memory_allocate")
+            .or_else(|_| instance.get_typed_func::<u32, u32>(&mut store, "malloc"))
+            .ok();
+        let callbacks = CALLBACKS
+            .iter()
+            .filter(|(name, ..)| module.info.callbacks.iter().any(|c| c == name))
+            .filter_map(|(name, ..)| Some((*name, instance.get_func(&mut store, name)?)))
+            .collect();
+        let main = instance
+            .get_typed_func::<(u32, u32), u32>(&mut store, "main")
+            .ok()
+            .map(|f| *f.func());
+        let state = store.data_mut();
+        state.memory = memory;
+        state.allocator = allocator;
+        let mut vm = Self {
+            store,
+            module: module.clone(),
+            callbacks,
+            main,
+            roots: HashMap::new(),
+            failed: None,
+        };
+        vm.run_start_functions()?;
+        Ok(vm)
+    }
+
+    fn run_start_functions(&mut self) -> Result<(), VmError> {
+        if self.callbacks.contains_key("_initialize") {
+            self.invoke::<(), ()>("_initialize", 0, Phase::Start, ())?;
+            if let Some(main) = self.main {
+                let main = main
+                    .typed::<(u32, u32), u32>(&self.store)
+                    .expect("checked at instantiation");
+                main.call(&mut self.store, (0, 0))
+                    .map_err(|e| self.trap("main", 0, e))?;
+            }
+        } else if self.callbacks.contains_key("_start") {
+            match self.invoke::<(), ()>("_start", 0, Phase::Start, ()) {
+                // A command module's `_start` may end with proc_exit(0): that is a clean start.
+                Err(VmError::Trap { .. }) if self.store.data().exit_code == Some(0) => {
+                    self.failed = None;
+                    self.store.data_mut().exit_code = None;
+                }
+                other => other.map(drop)?,
+            }
+        }
+        Ok(())
+    }
+
+    pub fn module(&self) -> &Arc<CompiledModule> {
+        &self.module
+    }
+
+    pub fn vm_id(&self) -> &str {
+        &self.store.data().vm_id
+    }
+
+    /// Why the VM stopped serving, if a trap ended it.
+    pub fn failure(&self) -> Option<&str> {
+        self.failed.as_deref()
+    }
+
+    // === plugins (root contexts) ===
+
+    /// Starts a plugin in this VM: a root context, then `proxy_on_vm_start` and `proxy_on_configure`.
+    /// A false answer from either rejects the plugin, and its root context is removed.
+    pub fn start_plugin(&mut self, plugin: PluginConfig) -> Result<u32, VmError> {
+        if self.roots.contains_key(&plugin.root_id) {
+            return Err(VmError::DuplicateRootId {
+                plugin: plugin.name,
+                root_id: plugin.root_id,
+            });
+        }
+        let root_id = plugin.root_id.clone();
+        let id = self.new_context_id();
+        self.store.data_mut().contexts.insert(
+            id,
+            Context {
+                root: id,
+                plugin: Arc::new(plugin),
+                stream: StreamData::default(),
+                filter_state: HashMap::new(),
+                awaiting_done: false,
+            },
+        );
+        let result = self.configure_new_root(id);
+        match result {
+            Ok(()) => {
+                self.roots.insert(root_id, id);
+                Ok(id)
+            }
+            Err(error) => {
+                self.store.data_mut().contexts.remove(&id);
+                self.store.data_mut().tick_periods.remove(&id);
+                Err(error)
+            }
+        }
+    }
+
+    fn configure_new_root(&mut self, id: u32) -> Result<(), VmError> {
+        self.invoke::<(u32, u32), ()>("proxy_on_context_create", id, Phase::Other, (id, 0))?;
+        let vm_config_len = self.store.data().vm_configuration.len() as u32;
+        if self.invoke::<(u32, u32), u32>(
+            "proxy_on_vm_start",
+            id,
+            Phase::VmStart,
+            (id, vm_config_len),
+        )? == Some(0)
+        {
+            return Err(self.rejected(id, "proxy_on_vm_start", "VM configuration"));
+        }
+        self.configure(id)
+    }
+
+    fn configure(&mut self, id: u32) -> Result<(), VmError> {
+        let config_len = self.context(id)?.plugin.configuration.len() as u32;
+        if self.invoke::<(u32, u32), u32>(
+            "proxy_on_configure",
+            id,
+            Phase::Configure,
+            (id, config_len),
+        )? == Some(0)
+        {
+            return Err(self.rejected(id, "proxy_on_configure", "configuration"));
+        }
+        Ok(())
+    }
+
+    fn rejected(&self, id: u32, callback: &'static str, what: &'static str) -> VmError {
+        VmError::Rejected {
+            plugin: self.plugin_name(id),
+            callback,
+            what,
+        }
+    }
+
+    /// Hands a running plugin a new configuration through `proxy_on_configure`. On a false answer the
+    /// old configuration stays recorded and the error says so.
+    pub fn reconfigure(&mut self, root: u32, configuration: Vec<u8>) -> Result<(), VmError> {
+        let context = self.context_mut(root)?;
+        let old = context.plugin.clone();
+        context.plugin = Arc::new(PluginConfig {
+            configuration,
+            ..(*old).clone()
+        });
+        let result = self.configure(root);
+        if result.is_err()
+            && let Ok(context) = self.context_mut(root)
+        {
+            context.plugin = old;
+        }
+        result
+    }
+
+    /// The root context of the plugin with `root_id`.
+    pub fn root_context(&self, root_id: &str) -> Option<u32> {
+        self.roots.get(root_id).copied()
+    }
+
+    /// Stops a plugin: `proxy_on_done`, then `proxy_on_delete` at once, or after the plugin calls
+    /// `proxy_done` if `proxy_on_done` answered false. Returns whether the context is gone.
+    pub fn stop_plugin(&mut self, root: u32) -> Result<bool, VmError> {
+        self.context(root)?;
+        let done = self
+            .invoke::<u32, u32>("proxy_on_done", root, Phase::Other, root)?
+            .unwrap_or(1);
+        if done == 0 {
+            self.context_mut(root)?.awaiting_done = true;
+            return Ok(false);
+        }
+        self.delete_context(root)?;
+        Ok(true)
+    }
+
+    fn delete_context(&mut self, id: u32) -> Result<(), VmError> {
+        let result = self.invoke::<u32, ()>("proxy_on_delete", id, Phase::Other, id);
+        let state = self.store.data_mut();
+        if let Some(context) = state.contexts.remove(&id)
+            && context.is_root(id)
+        {
+            state.tick_periods.remove(&id);
+            self.roots.retain(|_, root| *root != id);
+        }
+        result.map(drop)
+    }
+
+    // === stream contexts ===
+
+    /// Creates a stream (HTTP or TCP) context under a plugin.
+    pub fn create_stream(&mut self, root: u32) -> Result<u32, VmError> {
+        let plugin = self.context(root)?.plugin.clone();
+        let id = self.new_context_id();
+        self.store.data_mut().contexts.insert(
+            id,
+            Context {
+                root,
+                plugin,
+                stream: StreamData::default(),
+                filter_state: HashMap::new(),
+                awaiting_done: false,
+            },
+        );
+        if let Err(error) =
+            self.invoke::<(u32, u32), ()>("proxy_on_context_create", id, Phase::Other, (id, root))
+        {
+            self.store.data_mut().contexts.remove(&id);
+            return Err(error);
+        }
+        Ok(id)
+    }
+
+    /// The stream's maps, buffers and facts, which the embedder fills before a callback and reads after.
+    pub fn stream(&self, context: u32) -> Option<&StreamData> {
+        self.store.data().context(context).map(|c| &c.stream)
+    }
+
+    pub fn stream_mut(&mut self, context: u32) -> Option<&mut StreamData> {
+        self.store
+            .data_mut()
+            .contexts
+            .get_mut(&context)
+            .map(|c| &mut c.stream)
+    }
+
+    pub fn on_request_headers(
+        &mut self,
+        context: u32,
+        end_of_stream: bool,
+    ) -> Result<Action, VmError> {
+        let count = self
+            .stream_or_err(context)?
+            .request_headers
+            .as_ref()
+            .map_or(0, HeaderMap::len) as u32;
+        self.headers_callback("proxy_on_request_headers", context, count, end_of_stream)
+    }
+
+    pub fn on_request_body(
+        &mut self,
+        context: u32,
+        end_of_stream: bool,
+    ) -> Result<Action, VmError> {
+        let size = self
+            .stream_or_err(context)?
+            .request_body
+            .as_ref()
+            .map_or(0, Vec::len) as u32;
+        self.action(
+            "proxy_on_request_body",
+            context,
+            (context, size, end_of_stream as u32),
+        )
+    }
+
+    pub fn on_request_trailers(&mut self, context: u32) -> Result<Action, VmError> {
+        let count = self
+            .stream_or_err(context)?
+            .request_trailers
+            .as_ref()
+            .map_or(0, HeaderMap::len) as u32;
+        self.action("proxy_on_request_trailers", context, (context, count))
+    }
+
+    pub fn on_response_headers(
+        &mut self,
+        context: u32,
+        end_of_stream: bool,
+    ) -> Result<Action, VmError> {
+        let count = self
+            .stream_or_err(context)?
+            .response_headers
+            .as_ref()
+            .map_or(0, HeaderMap::len) as u32;
+        self.headers_callback("proxy_on_response_headers", context, count, end_of_stream)
+    }
+
+    pub fn on_response_body(
+        &mut self,
+        context: u32,
+        end_of_stream: bool,
+    ) -> Result<Action, VmError> {
+        let size = self
+            .stream_or_err(context)?
+            .response_body
+            .as_ref()
+            .map_or(0, Vec::len) as u32;
+        self.action(
+            "proxy_on_response_body",
+            context,
+            (context, size, end_of_stream as u32),
+        )
+    }
+
+    pub fn on_response_trailers(&mut self, context: u32) -> Result<Action, VmError> {
+        let count = self
+            .stream_or_err(context)?
+            .response_trailers
+            .as_ref()
+            .map_or(0, HeaderMap::len) as u32;
+        self.action("proxy_on_response_trailers", context, (context, count))
+    }
+
+    pub fn on_new_connection(&mut self, context: u32) -> Result<Action, VmError> {
+        self.stream_or_err(context)?;
+        self.action("proxy_on_new_connection", context, context)
+    }
+
+    pub fn on_downstream_data(
+        &mut self,
+        context: u32,
+        end_of_stream: bool,
+    ) -> Result<Action, VmError> {
+        let size = self
+            .stream_or_err(context)?
+            .downstream_data
+            .as_ref()
+            .map_or(0, Vec::len) as u32;
+        self.action(
+            "proxy_on_downstream_data",
+            context,
+            (context, size, end_of_stream as u32),
+        )
+    }
+
+    pub fn on_upstream_data(
+        &mut self,
+        context: u32,
+        end_of_stream: bool,
+    ) -> Result<Action, VmError> {
+        let size = self
+            .stream_or_err(context)?
+            .upstream_data
+            .as_ref()
+            .map_or(0, Vec::len) as u32;
+        self.action(
+            "proxy_on_upstream_data",
+            context,
+            (context, size, end_of_stream as u32),
+        )
+    }
+
+    pub fn on_downstream_connection_close(
+        &mut self,
+        context: u32,
+        peer: PeerType,
+    ) -> Result<(), VmError> {
+        self.stream_or_err(context)?;
+        let params = (context, peer as u32);
+        self.invoke::<(u32, u32), ()>(
+            "proxy_on_downstream_connection_close",
+            context,
+            Phase::Stream,
+            params,
+        )
+        .map(drop)
+    }
+
+    pub fn on_upstream_connection_close(
+        &mut self,
+        context: u32,
+        peer: PeerType,
+    ) -> Result<(), VmError> {
+        self.stream_or_err(context)?;
+        let params = (context, peer as u32);
+        self.invoke::<(u32, u32), ()>(
+            "proxy_on_upstream_connection_close",
+            context,
+            Phase::Stream,
+            params,
+        )
+        .map(drop)
+    }
+
+    /// Ends an HTTP stream in Envoy's order: `proxy_on_log`, `proxy_on_done`, `proxy_on_delete`.
+    /// The context is gone afterwards even if a callback trapped.
+    pub fn finish_http_stream(&mut self, context: u32) -> Result<(), VmError> {
+        self.finish_stream(context, ["proxy_on_log", "proxy_on_done"])
+    }
+
+    /// Ends a TCP stream in Envoy's order: `proxy_on_done`, `proxy_on_log`, `proxy_on_delete`.
+    pub fn finish_tcp_stream(&mut self, context: u32) -> Result<(), VmError> {
+        self.finish_stream(context, ["proxy_on_done", "proxy_on_log"])
+    }
+
+    fn finish_stream(&mut self, context: u32, order: [&'static str; 2]) -> Result<(), VmError> {
+        if self.context(context)?.is_root(context) {
+            return Err(VmError::UnknownContext(context));
+        }
+        let mut result = Ok(());
+        for callback in order {
+            let outcome = if callback == "proxy_on_done" {
+                self.invoke::<u32, u32>(callback, context, Phase::Other, context)
+                    .map(drop)
+            } else {
+                self.invoke::<u32, ()>(callback, context, Phase::Other, context)
+                    .map(drop)
+            };
+            if let Err(error) = outcome {
+                result = Err(error);
+                break;
+            }
+        }
+        let deleted = if result.is_ok() {
+            self.delete_context(context)
+        } else {
+            Ok(())
+        };
+        self.store.data_mut().contexts.remove(&context);
+        result.and(deleted)
+    }
+
+    // === timers, queues, callouts ===
+
+    pub fn tick_period(&self, root: u32) -> Option<Duration> {
+        self.store.data().tick_periods.get(&root).copied()
+    }
+
+    /// Every root context with a tick period, for the embedder's timers.
+    pub fn tick_periods(&self) -> Vec<(u32, Duration)> {
+        let mut periods: Vec<_> = self
+            .store
+            .data()
+            .tick_periods
+            .iter()
+            .map(|(k, v)| (*k, *v))
+            .collect();
+        periods.sort();
+        periods
+    }
+
+    pub fn on_tick(&mut self, root: u32) -> Result<(), VmError> {
+        self.context(root)?;
+        self.invoke::<u32, ()>("proxy_on_tick", root, Phase::Other, root)
+            .map(drop)
+    }
+
+    /// Whether a queue this VM registered has messages waiting for `proxy_on_queue_ready`.
+    pub fn has_queue_events(&self) -> bool {
+        self.store.data().inbox.has_pending()
+    }
+
+    /// Called (from any thread) when a queue this VM owns gets a message, so the embedder can wake
+    /// the VM's worker and call [`Vm::deliver_queue_ready`].
+    pub fn set_queue_waker(&self, waker: Arc<dyn Fn() + Send + Sync>) {
+        self.store.data().inbox.set_waker(waker);
+    }
+
+    /// Delivers `proxy_on_queue_ready` for every queue with new messages. Returns how many.
+    pub fn deliver_queue_ready(&mut self) -> Result<usize, VmError> {
+        let ready = self.store.data().inbox.take();
+        let mut delivered = 0;
+        for (root, queue) in ready {
+            if self.context(root).is_err() {
+                continue;
+            }
+            self.invoke::<(u32, u32), ()>(
+                "proxy_on_queue_ready",
+                root,
+                Phase::Other,
+                (root, queue),
+            )?;
+            delivered += 1;
+        }
+        Ok(delivered)
+    }
+
+    /// Delivers the answer to `proxy_http_call` `token` to the plugin that made it.
+    pub fn on_http_call_response(
+        &mut self,
+        token: u32,
+        outcome: CallOutcome,
+    ) -> Result<(), VmError> {
+        let root = match self.store.data_mut().callouts.remove(&token) {
+            Some((CalloutKind::Http, root)) => root,
+            Some(other) => {
+                self.store.data_mut().callouts.insert(token, other);
+                return Err(VmError::UnknownToken(token));
+            }
+            None => return Err(VmError::UnknownToken(token)),
+        };
+        let (callout, status, counts) = match outcome {
+            CallOutcome::Response {
+                headers,
+                body,
+                trailers,
+            } => {
+                let counts = (
+                    headers.len() as u32,
+                    body.len() as u32,
+                    trailers.len() as u32,
+                );
+                (
+                    Callout {
+                        headers: Some(headers),
+                        body: Some(body),
+                        trailers: Some(trailers),
+                    },
+                    (0, Vec::new()),
+                    counts,
+                )
+            }
+            CallOutcome::Failure { message } => (
+                Callout::default(),
+                (
+                    wasmgate_abi::Status::BrokenConnection as u32,
+                    message.into_bytes(),
+                ),
+                (0, 0, 0),
+            ),
+        };
+        let state = self.store.data_mut();
+        state.callout = callout;
+        state.call_status = status;
+        let params = (root, token, counts.0, counts.1, counts.2);
+        let result = self.invoke::<(u32, u32, u32, u32, u32), ()>(
+            "proxy_on_http_call_response",
+            root,
+            Phase::HttpCallResponse,
+            params,
+        );
+        self.store.data_mut().callout = Callout::default();
+        result.map(drop)
+    }
+
+    fn grpc_root(&self, token: u32) -> Result<u32, VmError> {
+        match self.store.data().callouts.get(&token) {
+            Some((CalloutKind::Grpc, root)) => Ok(*root),
+            _ => Err(VmError::UnknownToken(token)),
+        }
+    }
+
+    pub fn on_grpc_receive_initial_metadata(
+        &mut self,
+        token: u32,
+        metadata: HeaderMap,
+    ) -> Result<(), VmError> {
+        let root = self.grpc_root(token)?;
+        let count = metadata.len() as u32;
+        self.store.data_mut().callout = Callout {
+            headers: Some(metadata),
+            ..Default::default()
+        };
+        let result = self.invoke::<(u32, u32, u32), ()>(
+            "proxy_on_grpc_receive_initial_metadata",
+            root,
+            Phase::GrpcInitialMetadata,
+            (root, token, count),
+        );
+        self.store.data_mut().callout = Callout::default();
+        result.map(drop)
+    }
+
+    pub fn on_grpc_receive(&mut self, token: u32, message: Vec<u8>) -> Result<(), VmError> {
+        let root = self.grpc_root(token)?;
+        let size = message.len() as u32;
+        self.store.data_mut().grpc_message = Some(message);
+        let result = self.invoke::<(u32, u32, u32), ()>(
+            "proxy_on_grpc_receive",
+            root,
+            Phase::GrpcMessage,
+            (root, token, size),
+        );
+        self.store.data_mut().grpc_message = None;
+        result.map(drop)
+    }
+
+    pub fn on_grpc_receive_trailing_metadata(
+        &mut self,
+        token: u32,
+        metadata: HeaderMap,
+    ) -> Result<(), VmError> {
+        let root = self.grpc_root(token)?;
+        let count = metadata.len() as u32;
+        self.store.data_mut().callout = Callout {
+            trailers: Some(metadata),
+            ..Default::default()
+        };
+        let result = self.invoke::<(u32, u32, u32), ()>(
+            "proxy_on_grpc_receive_trailing_metadata",
+            root,
+            Phase::GrpcTrailingMetadata,
+            (root, token, count),
+        );
+        self.store.data_mut().callout = Callout::default();
+        result.map(drop)
+    }
+
+    /// Ends gRPC call `token` with a gRPC status; `proxy_get_status` answers it during the callback.
+    pub fn on_grpc_close(
+        &mut self,
+        token: u32,
+        grpc_status: u32,
+        message: &str,
+    ) -> Result<(), VmError> {
+        let root = self.grpc_root(token)?;
+        let state = self.store.data_mut();
+        state.callouts.remove(&token);
+        state.call_status = (grpc_status, message.as_bytes().to_vec());
+        self.invoke::<(u32, u32, u32), ()>(
+            "proxy_on_grpc_close",
+            root,
+            Phase::GrpcClose,
+            (root, token, grpc_status),
+        )
+        .map(drop)
+    }
+
+    /// `proxy_on_foreign_function`, with the arguments readable as buffer CALL_DATA.
+    pub fn on_foreign_function(
+        &mut self,
+        root: u32,
+        function_id: u32,
+        arguments: Vec<u8>,
+    ) -> Result<(), VmError> {
+        self.context(root)?;
+        let size = arguments.len() as u32;
+        self.store.data_mut().foreign_arguments = Some(arguments);
+        let result = self.invoke::<(u32, u32, u32), ()>(
+            "proxy_on_foreign_function",
+            root,
+            Phase::ForeignFunction,
+            (root, function_id, size),
+        );
+        self.store.data_mut().foreign_arguments = None;
+        result.map(drop)
+    }
+
+    /// Ids of the live contexts, roots included, in creation order.
+    pub fn context_ids(&self) -> Vec<u32> {
+        let mut ids: Vec<u32> = self.store.data().contexts.keys().copied().collect();
+        ids.sort();
+        ids
+    }
+
+    // === internals ===
+
+    fn new_context_id(&mut self) -> u32 {
+        let state = self.store.data_mut();
+        state.next_context_id += 1;
+        state.next_context_id
+    }
+
+    fn context(&self, id: u32) -> Result<&Context, VmError> {
+        self.store
+            .data()
+            .context(id)
+            .ok_or(VmError::UnknownContext(id))
+    }
+
+    fn context_mut(&mut self, id: u32) -> Result<&mut Context, VmError> {
+        self.store
+            .data_mut()
+            .contexts
+            .get_mut(&id)
+            .ok_or(VmError::UnknownContext(id))
+    }
+
+    fn stream_or_err(&self, id: u32) -> Result<&StreamData, VmError> {
+        let context = self.context(id)?;
+        if context.is_root(id) {
+            return Err(VmError::UnknownContext(id));
+        }
+        Ok(&context.stream)
+    }
+
+    fn plugin_name(&self, context: u32) -> String {
+        let state = self.store.data();
+        match state.context(context) {
+            Some(context) => context.plugin.name.clone(),
+            None => state.vm_id.clone(),
+        }
+    }
+
+    fn headers_callback(
+        &mut self,
+        name: &'static str,
+        context: u32,
+        count: u32,
+        eos: bool,
+    ) -> Result<Action, VmError> {
+        if self.module.abi_version() == AbiVersion::V0_1_0 {
+            self.action(name, context, (context, count))
+        } else {
+            self.action(name, context, (context, count, eos as u32))
+        }
+    }
+
+    fn action<P: WasmParams>(
+        &mut self,
+        name: &'static str,
+        context: u32,
+        params: P,
+    ) -> Result<Action, VmError> {
+        let raw = self.invoke::<P, u32>(name, context, Phase::Stream, params)?;
+        Ok(raw.map_or(Action::Continue, Action::from_raw))
+    }
+
+    /// Calls an exported callback with `context` current. `Ok(None)` when the module does not export it.
+    fn invoke<P: WasmParams, R: WasmResults>(
+        &mut self,
+        name: &'static str,
+        context: u32,
+        phase: Phase,
+        params: P,
+    ) -> Result<Option<R>, VmError> {
+        if let Some(reason) = &self.failed {
+            return Err(VmError::Failed {
+                plugin: self.plugin_name(context),
+                reason: reason.clone(),
+            });
+        }
+        let Some(func) = self.callbacks.get(name).copied() else {
+            return Ok(None);
+        };
+        let typed = func
+            .typed::<P, R>(&self.store)
+            .map_err(|e| self.trap(name, context, e))?;
+        let state = self.store.data_mut();
+        state.current = context;
+        state.effective = context;
+        state.phase = phase;
+        let result = typed.call(&mut self.store, params);
+        self.store.data_mut().phase = Phase::Idle;
+        match result {
+            Ok(value) => {
+                self.complete_done()?;
+                Ok(Some(value))
+            }
+            Err(error) => Err(self.trap(name, context, error)),
+        }
+    }
+
+    /// Finishes root contexts whose `proxy_done` arrived during the last callback.
+    fn complete_done(&mut self) -> Result<(), VmError> {
+        let done = std::mem::take(&mut self.store.data_mut().done);
+        for id in done {
+            self.delete_context(id)?;
+        }
+        Ok(())
+    }
+
+    /// Records a trap: the VM serves no more callbacks, as in Envoy.
+    fn trap(&mut self, callback: &'static str, context: u32, error: wasmtime::Error) -> VmError {
+        let plugin = self.plugin_name(context);
+        let backtrace = error
+            .downcast_ref::<WasmBacktrace>()
+            .map(|bt| bt.to_string())
+            .filter(|bt| !bt.is_empty());
+        let message = match error.downcast_ref::<ProcExit>() {
+            Some(exit) => exit.to_string(),
+            None => error.root_cause().to_string(),
+        };
+        tracing::error!(
+            target: "wasm",
+            plugin,
+            context_id = context,
+            callback,
+            "plugin trapped: {message}{}",
+            backtrace.as_deref().map(|bt| format!("\nProxy-Wasm plugin in-VM backtrace:\n{bt}")).unwrap_or_default()
+        );
+        self.failed = Some(format!("trap in {callback}: {message}"));
+        VmError::Trap {
+            plugin,
+            callback,
+            message,
+            backtrace,
+        }
+    }
+}

@@ -1,0 +1,178 @@
+//! `wasmgate plugin run` and `plugin inspect`.
+
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+
+use anyhow::{Context, bail};
+use clap::Args;
+use wasmgate_abi::{HeaderMap, LogLevel};
+use wasmgate_runtime::{PluginConfig, Runtime, RuntimeConfig, VmConfig};
+use wasmgate_toolkit::harness::{Harness, Message, RecordingHost};
+
+#[derive(Args)]
+pub struct RunArgs {
+    /// The plugin's .wasm file.
+    file: PathBuf,
+    /// Plugin configuration, passed to proxy_on_configure as is (often JSON).
+    #[arg(long, default_value = "")]
+    config: String,
+    /// VM configuration, passed to proxy_on_vm_start.
+    #[arg(long, default_value = "")]
+    vm_config: String,
+    /// Root id choosing the plugin's root context.
+    #[arg(long, default_value = "")]
+    root_id: String,
+    /// Environment variable for the plugin, KEY=VALUE (repeatable). The host's own are never passed.
+    #[arg(long = "env", value_name = "KEY=VALUE")]
+    env: Vec<String>,
+    /// Request method.
+    #[arg(long, default_value = "GET")]
+    method: String,
+    /// Request path.
+    #[arg(long, default_value = "/")]
+    path: String,
+    /// Request header, "name: value" (repeatable).
+    #[arg(short = 'H', long = "header", value_name = "NAME: VALUE")]
+    headers: Vec<String>,
+    /// Request body.
+    #[arg(long)]
+    body: Option<String>,
+    /// Plugin log level (trace, debug, info, warn, error, critical).
+    #[arg(long, default_value = "info")]
+    log_level: String,
+}
+
+fn parse_header(raw: &str) -> anyhow::Result<(String, String)> {
+    let (name, value) = raw
+        .split_once(':')
+        .with_context(|| format!("header {raw:?} is not \"name: value\""))?;
+    let name = name.trim();
+    if name.is_empty() {
+        bail!("header {raw:?} has an empty name");
+    }
+    Ok((name.to_owned(), value.trim().to_owned()))
+}
+
+fn print_headers(title: &str, headers: &HeaderMap, before: Option<&HeaderMap>) {
+    println!("{title}");
+    for (name, value) in headers.to_string_pairs() {
+        let changed = before.is_some_and(|b| b.get_str(&name) != Some(value.as_str()));
+        println!("  {} {name}: {value}", if changed { "+" } else { " " });
+    }
+    if let Some(before) = before {
+        for (name, value) in before.to_string_pairs() {
+            if headers.get(&name).is_none() {
+                println!("  - {name}: {value}");
+            }
+        }
+    }
+}
+
+pub fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
+    let wasm =
+        std::fs::read(&args.file).with_context(|| format!("reading {}", args.file.display()))?;
+    let log_level = LogLevel::parse(&args.log_level)
+        .with_context(|| format!("unknown log level {:?}", args.log_level))?;
+    let environment = args
+        .env
+        .iter()
+        .map(|e| {
+            e.split_once('=')
+                .map(|(k, v)| (k.to_owned(), v.to_owned()))
+                .with_context(|| format!("--env {e:?} is not KEY=VALUE"))
+        })
+        .collect::<anyhow::Result<Vec<_>>>()?;
+    let runtime = Runtime::new(RuntimeConfig {
+        log_level,
+        ..Default::default()
+    })?;
+    let vm_config = VmConfig {
+        vm_id: "cli".into(),
+        configuration: args.vm_config.into_bytes(),
+        environment,
+    };
+    let name = args
+        .file
+        .file_stem()
+        .map(|s| s.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    let plugin = PluginConfig {
+        name,
+        root_id: args.root_id,
+        configuration: args.config.into_bytes(),
+    };
+    let mut harness = Harness::load(runtime, &wasm, vm_config, plugin, RecordingHost::default())
+        .with_context(|| format!("starting {}", args.file.display()))?;
+
+    let mut request = Message::request(&args.method, &args.path);
+    request.headers.replace(":authority", "localhost");
+    for raw in &args.headers {
+        let (name, value) = parse_header(raw)?;
+        request.headers.add(name, value);
+    }
+    if let Some(body) = args.body {
+        request.body.push(body.into_bytes());
+    }
+    let original_request = request.headers.clone();
+    let mut upstream_response = None;
+    let exchange = harness.exchange(request, &mut |_received: &Message| {
+        let response = Message::response(200)
+            .header("content-type", "text/plain")
+            .body_chunk("hello from the sample upstream\n");
+        upstream_response = Some(response.headers.clone());
+        response
+    })?;
+
+    match &exchange.upstream_request {
+        Some(sent) => print_headers(
+            "request headers, as the upstream received them:",
+            &sent.headers,
+            Some(&original_request),
+        ),
+        None => println!("the request did not reach the upstream"),
+    }
+    if let Some(local) = &exchange.local_response {
+        println!("local reply from the plugin: {}", local.status_code);
+    }
+    match &exchange.response {
+        Some(response) => {
+            print_headers(
+                "response headers, as the client received them:",
+                &response.headers,
+                upstream_response.as_ref(),
+            );
+            println!(
+                "response body:\n  {}",
+                String::from_utf8_lossy(&response.body_bytes()).trim_end()
+            );
+        }
+        None => println!(
+            "the stream stalled in {} (paused, never resumed)",
+            exchange.stalled_in.unwrap_or("?")
+        ),
+    }
+    let logs = harness.logs();
+    if !logs.is_empty() {
+        println!("plugin logs:");
+        for record in logs {
+            println!("  [{}] {}", record.level, record.message);
+        }
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+pub fn inspect(file: &Path) -> anyhow::Result<ExitCode> {
+    let wasm = std::fs::read(file).with_context(|| format!("reading {}", file.display()))?;
+    let runtime = Runtime::new(RuntimeConfig::default())?;
+    let module = runtime
+        .load(&wasm)
+        .with_context(|| format!("loading {}", file.display()))?;
+    let info = module.info();
+    println!("file:        {}", file.display());
+    println!("size:        {} bytes", module.size());
+    println!("sha256:      {}", module.sha256());
+    println!("abi version: {}", info.abi_version);
+    println!("callbacks:   {}", info.callbacks.join(", "));
+    println!("imports:     {}", info.imports.join(", "));
+    Ok(ExitCode::SUCCESS)
+}
