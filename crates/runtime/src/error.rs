@@ -58,6 +58,8 @@ pub enum VmError {
     },
     #[error("plugin {plugin}: the VM failed earlier ({reason}) and serves no more callbacks")]
     Failed { plugin: String, reason: String },
+    #[error("the module exports no function {0}")]
+    MissingExport(String),
     #[error("unknown context id {0}")]
     UnknownContext(u32),
     #[error("unknown callout token {0}")]

@@ -6,7 +6,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use wasmgate_abi::{AbiVersion, Action, HeaderMap, Host, PeerType};
-use wasmtime::{Func, Store, WasmBacktrace, WasmParams, WasmResults};
+use wasmtime::{Func, Instance, Store, Val, WasmBacktrace, WasmParams, WasmResults};
 
 use crate::engine::Runtime;
 use crate::error::VmError;
@@ -41,6 +41,7 @@ pub enum CallOutcome {
 
 pub struct Vm {
     store: Store<VmState>,
+    instance: Instance,
     module: Arc<CompiledModule>,
     callbacks: HashMap<&'static str, Func>,
     main: Option<Func>,
@@ -112,6 +113,7 @@ impl Vm {
         state.allocator = allocator;
         let mut vm = Self {
             store,
+            instance,
             module: module.clone(),
             callbacks,
             main,
@@ -728,6 +730,36 @@ impl Vm {
         let mut ids: Vec<u32> = self.store.data().contexts.keys().copied().collect();
         ids.sort();
         ids
+    }
+
+    /// Calls any export taking and returning i32s, with `context` as the current context. This
+    /// reaches the host functions through a real instance for tests and fuzzing (hand-written
+    /// modules export trampolines); the data path uses the typed callbacks above.
+    #[doc(hidden)]
+    pub fn call_export(
+        &mut self,
+        context: u32,
+        name: &str,
+        args: &[i32],
+    ) -> Result<Vec<i32>, VmError> {
+        let func = self
+            .instance
+            .get_func(&mut self.store, name)
+            .ok_or_else(|| VmError::MissingExport(name.to_owned()))?;
+        let params: Vec<Val> = args.iter().map(|a| Val::I32(*a)).collect();
+        let mut results = vec![Val::I32(0); func.ty(&self.store).results().len()];
+        let state = self.store.data_mut();
+        state.current = context;
+        state.effective = context;
+        state.phase = Phase::Stream;
+        let result = func.call(&mut self.store, &params, &mut results);
+        self.store.data_mut().phase = Phase::Idle;
+        result.map_err(|e| self.trap("an exported function", context, e))?;
+        self.complete_done()?;
+        Ok(results
+            .iter()
+            .map(|v| v.i32().unwrap_or_default())
+            .collect())
     }
 
     // === internals ===

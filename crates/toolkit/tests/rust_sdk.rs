@@ -779,3 +779,193 @@ fn unknown_contexts_and_tokens_are_errors_not_panics() {
     ));
     let _ = Status::Ok;
 }
+
+fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+#[test]
+fn properties_with_envoy_names_and_encodings() {
+    use std::net::SocketAddr;
+    let mut h = harness(&kitchen(), "");
+    h.stream_info = wasmgate_abi::StreamInfo {
+        source: Some("10.1.2.3:40000".parse::<SocketAddr>().unwrap()),
+        destination: Some("127.0.0.1:8080".parse().unwrap()),
+        connection_id: Some(7),
+        mtls: true,
+        protocol: Some("HTTP/1.1".into()),
+        start_time: Some(std::time::UNIX_EPOCH + std::time::Duration::from_secs(5)),
+        cluster_name: Some("backend".into()),
+        route_name: Some("default".into()),
+        node_id: Some("gateway-1".into()),
+        ..Default::default()
+    };
+    let mut probe = |path: &str| -> String {
+        let request = Message::request("POST", "/a/b?q=1&r=2")
+            .header("x-mode", "property")
+            .header("x-property-path", path)
+            .header("x-foo", "one")
+            .header("x-foo", "two")
+            .header("x-request-id", "rid-1");
+        let exchange = h.exchange(request, &mut echo_upstream()).unwrap();
+        exchange
+            .upstream_request
+            .unwrap()
+            .headers
+            .get_str("x-kitchen-property")
+            .unwrap()
+            .to_owned()
+    };
+    let text = |s: &str| hex(s.as_bytes());
+    assert_eq!(probe("request.path"), text("/a/b?q=1&r=2"));
+    assert_eq!(probe("request.url_path"), text("/a/b"));
+    assert_eq!(probe("request.query"), text("q=1&r=2"));
+    assert_eq!(probe("request.host"), text("example.com"));
+    assert_eq!(probe("request.method"), text("POST"));
+    assert_eq!(probe("request.scheme"), text("http"));
+    assert_eq!(probe("request.id"), text("rid-1"));
+    assert_eq!(probe("request.protocol"), text("HTTP/1.1"));
+    assert_eq!(
+        probe("request.headers.x-foo"),
+        text("one,two"),
+        "repeated headers are comma-joined"
+    );
+    assert_eq!(probe("request.time"), hex(&5_000_000_000i64.to_le_bytes()));
+    assert_eq!(probe("source.address"), text("10.1.2.3:40000"));
+    assert_eq!(probe("source.port"), hex(&40000i64.to_le_bytes()));
+    assert_eq!(probe("destination.port"), hex(&8080i64.to_le_bytes()));
+    assert_eq!(probe("connection.id"), hex(&7u64.to_le_bytes()));
+    assert_eq!(probe("connection.mtls"), "01");
+    assert_eq!(probe("xds.cluster_name"), text("backend"));
+    assert_eq!(probe("xds.route_name"), text("default"));
+    assert_eq!(probe("xds.node.id"), text("gateway-1"));
+    assert_eq!(probe("plugin_vm_id"), text("test"));
+    assert_eq!(probe("plugin_name"), text("test"));
+    assert_eq!(probe("response.code"), "none", "no response yet");
+    assert_eq!(probe("no.such.property"), "none");
+    assert_eq!(
+        probe("upstream.address"),
+        "none",
+        "unknown facts are NOT_FOUND"
+    );
+    let map = probe("request.headers");
+    let decoded_bytes: Vec<u8> = (0..map.len())
+        .step_by(2)
+        .map(|i| u8::from_str_radix(&map[i..i + 2], 16).unwrap())
+        .collect();
+    let decoded = HeaderMap::decode(&decoded_bytes).unwrap();
+    assert_eq!(decoded.get_str(":path"), Some("/a/b?q=1&r=2"));
+    assert_eq!(decoded.get_str("x-foo"), Some("one,two"));
+}
+
+#[test]
+fn grpc_unary_call_round_trip() {
+    let mut h = harness(&kitchen(), "");
+    let ctx = h.vm.create_stream(h.root).unwrap();
+    h.vm.stream_mut(ctx).unwrap().request_headers = Some(HeaderMap::from_pairs([
+        (":path", "/"),
+        ("x-mode", "grpc-call"),
+    ]));
+    assert_eq!(h.vm.on_request_headers(ctx, true).unwrap(), Action::Pause);
+    let (token, call) = {
+        let recorded = h.host.recorded.lock();
+        let (_, token, call) = recorded
+            .grpc_calls
+            .last()
+            .cloned()
+            .expect("a gRPC call was made");
+        (token, call)
+    };
+    assert_eq!(call.service, "kitchen.Echo");
+    assert_eq!(call.method, "Say");
+    assert_eq!(call.message, b"grpc ping");
+    assert_eq!(call.timeout_ms, 1000);
+    assert_eq!(call.initial_metadata.get_str("x-grpc-meta"), Some("1"));
+    h.vm.on_grpc_receive(token, b"grpc pong".to_vec()).unwrap();
+    let headers = h.vm.stream(ctx).unwrap().request_headers.clone().unwrap();
+    assert_eq!(headers.get_str("x-kitchen-grpc-message"), Some("grpc pong"));
+    assert_eq!(headers.get_str("x-kitchen-grpc-status"), Some("0"));
+    assert!(
+        h.host
+            .recorded
+            .lock()
+            .continued
+            .contains(&(ctx, StreamType::HttpRequest))
+    );
+    h.vm.on_grpc_close(token, 0, "").unwrap();
+    assert!(
+        matches!(
+            h.vm.on_grpc_receive(token, vec![]),
+            Err(VmError::UnknownToken(_))
+        ),
+        "closed calls are forgotten"
+    );
+    h.vm.finish_http_stream(ctx).unwrap();
+}
+
+#[test]
+fn grpc_stream_round_trip() {
+    let mut h = harness(&kitchen(), "");
+    let ctx = h.vm.create_stream(h.root).unwrap();
+    h.vm.stream_mut(ctx).unwrap().request_headers = Some(HeaderMap::from_pairs([
+        (":path", "/"),
+        ("x-mode", "grpc-stream"),
+    ]));
+    assert_eq!(h.vm.on_request_headers(ctx, true).unwrap(), Action::Pause);
+    let token = h.host.recorded.lock().grpc_streams.last().unwrap().1;
+    assert_eq!(
+        h.host.recorded.lock().grpc_sent,
+        vec![(token, b"first".to_vec(), false)]
+    );
+    h.vm.on_grpc_receive_initial_metadata(token, HeaderMap::from_pairs([("x-stream-meta", "m")]))
+        .unwrap();
+    h.vm.on_grpc_receive(token, b"reply".to_vec()).unwrap();
+    assert_eq!(
+        h.host.recorded.lock().grpc_sent[1],
+        (token, b"second".to_vec(), true)
+    );
+    h.vm.on_grpc_receive_trailing_metadata(
+        token,
+        HeaderMap::from_pairs([("x-stream-trailer", "t")]),
+    )
+    .unwrap();
+    h.vm.on_grpc_close(token, 14, "unavailable").unwrap();
+    let headers = h.vm.stream(ctx).unwrap().request_headers.clone().unwrap();
+    assert_eq!(headers.get_str("x-kitchen-grpc-stream-meta"), Some("m"));
+    assert_eq!(
+        headers.get_str("x-kitchen-grpc-stream-message"),
+        Some("reply")
+    );
+    assert_eq!(headers.get_str("x-kitchen-grpc-stream-trailer"), Some("t"));
+    assert_eq!(
+        headers.get_str("x-kitchen-grpc-stream-close"),
+        Some("14:unavailable")
+    );
+    h.vm.finish_http_stream(ctx).unwrap();
+}
+
+#[test]
+fn grpc_to_unknown_upstream_is_parse_failure() {
+    let runtime = runtime();
+    let mut h = Harness::load(
+        runtime,
+        &kitchen(),
+        vm_config("g"),
+        plugin("g", ""),
+        RecordingHost::new(vec![]),
+    )
+    .unwrap();
+    let exchange = h
+        .exchange(
+            Message::request("GET", "/").header("x-mode", "grpc-call"),
+            &mut echo_upstream(),
+        )
+        .unwrap();
+    assert_eq!(
+        header(
+            exchange.upstream_request.as_ref().unwrap(),
+            "x-kitchen-grpc-error"
+        ),
+        "ParseFailure"
+    );
+}

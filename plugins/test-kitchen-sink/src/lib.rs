@@ -235,6 +235,9 @@ enum Mode {
     ResponseBody,
     Foreign,
     GetMetric,
+    GrpcCall,
+    GrpcStream,
+    Property,
     Panic,
 }
 
@@ -253,6 +256,9 @@ impl Mode {
             Some("response-body") => Mode::ResponseBody,
             Some("foreign") => Mode::Foreign,
             Some("get-metric") => Mode::GetMetric,
+            Some("grpc-call") => Mode::GrpcCall,
+            Some("grpc-stream") => Mode::GrpcStream,
+            Some("property") => Mode::Property,
             Some("panic") => Mode::Panic,
             _ => Mode::None,
         }
@@ -408,6 +414,38 @@ impl KitchenHttp {
                 };
                 self.set_request("metric", &value);
             }
+            Mode::GrpcCall => {
+                let dispatched = self.dispatch_grpc_call(
+                    "upstream_cluster",
+                    "kitchen.Echo",
+                    "Say",
+                    vec![("x-grpc-meta", b"1")],
+                    Some(b"grpc ping"),
+                    Duration::from_secs(1),
+                );
+                match dispatched {
+                    // Resumed from on_grpc_call_response.
+                    Ok(_token) => return Action::Pause,
+                    Err(status) => self.set_request("grpc-error", &format!("{status:?}")),
+                }
+            }
+            Mode::GrpcStream => {
+                match self.open_grpc_stream("upstream_cluster", "kitchen.Echo", "Chat", vec![]) {
+                    Ok(token) => {
+                        self.send_grpc_stream_message(token, Some(b"first"), false);
+                        self.set_request("grpc-stream", &token.to_string());
+                        return Action::Pause;
+                    }
+                    Err(status) => self.set_request("grpc-error", &format!("{status:?}")),
+                }
+            }
+            Mode::Property => {
+                // The path comes dot-separated in `x-property-path`; the raw value goes back hex-encoded.
+                let path = self.get_http_request_header("x-property-path").unwrap_or_default();
+                let value = self.get_property(path.split('.').collect());
+                let shown = value.map(|v| to_hex(&v)).unwrap_or_else(|| "none".to_owned());
+                self.set_request("property", &shown);
+            }
             Mode::Panic => panic!("kitchen panic on purpose"),
             // These act in later callbacks.
             Mode::BufferBody | Mode::ResponseLocalReply | Mode::ResponseBody | Mode::None => {}
@@ -428,6 +466,36 @@ impl Context for KitchenHttp {
         self.set_request("call-status", status.as_deref().unwrap_or("none"));
         let body = self.get_http_call_response_body(0, body_size);
         self.set_request("call-body", &lossy_or_none(body.as_deref()));
+        self.resume_http_request();
+    }
+
+    fn on_grpc_call_response(&mut self, _token_id: u32, status_code: u32, response_size: usize) {
+        let message = self.get_grpc_call_response_body(0, response_size);
+        self.set_request("grpc-status", &status_code.to_string());
+        self.set_request("grpc-message", &lossy_or_none(message.as_deref()));
+        self.resume_http_request();
+    }
+
+    fn on_grpc_stream_initial_metadata(&mut self, _token_id: u32, _num_elements: u32) {
+        let value = self.get_grpc_stream_initial_metadata_value("x-stream-meta");
+        self.set_request("grpc-stream-meta", &lossy_or_none(value.as_deref()));
+    }
+
+    fn on_grpc_stream_message(&mut self, token_id: u32, message_size: usize) {
+        let message = self.get_grpc_stream_message(0, message_size);
+        self.set_request("grpc-stream-message", &lossy_or_none(message.as_deref()));
+        // Answer once, then half-close our side.
+        self.send_grpc_stream_message(token_id, Some(b"second"), true);
+    }
+
+    fn on_grpc_stream_trailing_metadata(&mut self, _token_id: u32, _num_elements: u32) {
+        let value = self.get_grpc_stream_trailing_metadata_value("x-stream-trailer");
+        self.set_request("grpc-stream-trailer", &lossy_or_none(value.as_deref()));
+    }
+
+    fn on_grpc_stream_close(&mut self, _token_id: u32, status_code: u32) {
+        let (_, message) = self.get_grpc_status();
+        self.set_request("grpc-stream-close", &format!("{status_code}:{}", message.unwrap_or_default()));
         self.resume_http_request();
     }
 }
