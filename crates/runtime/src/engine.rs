@@ -133,8 +133,9 @@ impl Runtime {
         wasmtime::Module::validate(&self.engine, bytes)
             .map_err(|e| LoadError::Invalid(format!("{e:#}")))?;
         let (module, from_disk_cache) = self.compile(bytes, &sha256)?;
-        let info = module::inspect(&module)?;
+        // Imports first: a module importing its memory is better told so than that it exports none.
         let linker = imports::linker_for(&self.engine, &module)?;
+        let info = module::inspect(&module)?;
         let pre = linker
             .instantiate_pre(&module)
             .map_err(|e| LoadError::Link(format!("{e:#}")))?;
@@ -199,8 +200,11 @@ impl Runtime {
 }
 
 fn write_atomically(path: &Path, bytes: wasmtime::Result<Vec<u8>>) -> std::io::Result<()> {
+    static WRITES: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
     let bytes = bytes.map_err(std::io::Error::other)?;
-    let tmp = path.with_extension(format!("tmp{}", std::process::id()));
+    // Unique per process and write, so runtimes sharing the folder never share a temporary file.
+    let unique = WRITES.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let tmp = path.with_extension(format!("tmp.{}.{unique}", std::process::id()));
     std::fs::write(&tmp, bytes)?;
     std::fs::rename(&tmp, path)
 }

@@ -897,3 +897,12 @@ impl Vm {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn vms_can_move_between_threads() {
+        fn assert_send<T: Send>() {}
+        assert_send::<super::Vm>();
+    }
+}

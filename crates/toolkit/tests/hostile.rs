@@ -526,6 +526,12 @@ fn statuses_for_bad_ids_and_unavailable_maps() {
         p.status("proxy_define_metric", &[0, NON_UTF8_AT, 3, out[0]]),
         s(Status::BadArgument)
     );
+    assert_eq!(p.status("proxy_get_log_level", &[out[0]]), 0);
+    assert_eq!(
+        p.call("load32", &[out[0]]),
+        wasmgate_abi::LogLevel::Trace as i32,
+        "the runtime's level"
+    );
     assert!(p.vm.failure().is_none());
 }
 

@@ -4,7 +4,7 @@
 pub(crate) mod proxy;
 pub(crate) mod wasi;
 
-use wasmtime::{Engine, ExternType, FuncType, Linker, Module};
+use wasmtime::{Engine, ExternType, FuncType, Linker, Module, ValType};
 
 use crate::error::LoadError;
 use crate::state::VmState;
@@ -48,6 +48,14 @@ pub(crate) fn linker_for(engine: &Engine, module: &Module) -> Result<Linker<VmSt
         };
         if !known {
             unknown.push(name);
+        } else if let Some(expected) = expected_signature(import.module(), import.name(), &ty)
+            && expected != signature(&ty)
+        {
+            return Err(LoadError::ImportTypeMismatch {
+                name,
+                found: describe(&signature(&ty)),
+                expected: describe(&expected),
+            });
         }
         functions.push((import.module().to_owned(), import.name().to_owned(), ty));
     }
@@ -68,4 +76,61 @@ pub(crate) fn linker_for(engine: &Engine, module: &Module) -> Result<Linker<VmSt
         .map_err(|e| LoadError::Link(format!("{e:#}")))?;
     wasi::add_to_linker(&mut linker, &functions).map_err(|e| LoadError::Link(format!("{e:#}")))?;
     Ok(linker)
+}
+
+/// A function type as parameter and result letters: `i` for i32, `I` for i64, `?` otherwise.
+fn signature(ty: &FuncType) -> (String, String) {
+    let letters = |types: &mut dyn Iterator<Item = ValType>| -> String {
+        types
+            .map(|t| match t {
+                ValType::I32 => 'i',
+                ValType::I64 => 'I',
+                _ => '?',
+            })
+            .collect()
+    };
+    (letters(&mut ty.params()), letters(&mut ty.results()))
+}
+
+fn describe((params, results): &(String, String)) -> String {
+    let names = |letters: &str| {
+        letters
+            .chars()
+            .map(|c| match c {
+                'i' => "i32",
+                'I' => "i64",
+                _ => "other",
+            })
+            .collect::<Vec<_>>()
+            .join(", ")
+    };
+    format!("({}) -> ({})", names(params), names(results))
+}
+
+/// The type the host defines for an import; `None` where either of two forms is accepted and
+/// the linker picks the right one.
+fn expected_signature(module: &str, name: &str, ty: &FuncType) -> Option<(String, String)> {
+    let (params, results) = if module == "env" {
+        if proxy::VOID_OR_STATUS.contains(&name) {
+            return None;
+        }
+        proxy::signature(name)?
+    } else {
+        match wasi::signature(name) {
+            Some(signature) => signature,
+            // Stubs take the module's own parameters, but must answer with nothing or an errno.
+            None => {
+                let (params, results) = signature(ty);
+                return Some((
+                    params,
+                    if results.is_empty() {
+                        String::new()
+                    } else {
+                        "i".into()
+                    },
+                ));
+            }
+        }
+    };
+    Some((params.into(), results.into()))
 }

@@ -66,6 +66,50 @@ pub(crate) const NAMES: &[&str] = &[
     "proxy_call_foreign_function",
 ];
 
+/// The parameter and result letters (`i` i32, `I` i64) of each function in [`NAMES`].
+pub(crate) fn signature(name: &str) -> Option<(&'static str, &'static str)> {
+    let params = match name {
+        "proxy_done" => "",
+        "proxy_get_log_level"
+        | "proxy_get_current_time_nanoseconds"
+        | "proxy_set_tick_period_milliseconds"
+        | "proxy_continue_stream"
+        | "proxy_close_stream"
+        | "proxy_grpc_cancel"
+        | "proxy_grpc_close"
+        | "proxy_set_effective_context" => "i",
+        "proxy_get_configuration" | "proxy_get_header_map_size" | "proxy_get_metric" => "ii",
+        "proxy_increment_metric" | "proxy_record_metric" => "iI",
+        "proxy_get_buffer_status"
+        | "proxy_get_header_map_pairs"
+        | "proxy_set_header_map_pairs"
+        | "proxy_remove_header_map_value"
+        | "proxy_register_shared_queue"
+        | "proxy_enqueue_shared_queue"
+        | "proxy_dequeue_shared_queue"
+        | "proxy_get_status" => "iii",
+        "proxy_log" => "iii",
+        "proxy_grpc_send" | "proxy_define_metric" | "proxy_get_property" | "proxy_set_property" => {
+            "iiii"
+        }
+        "proxy_get_buffer_bytes"
+        | "proxy_set_buffer_bytes"
+        | "proxy_get_header_map_value"
+        | "proxy_add_header_map_value"
+        | "proxy_replace_header_map_value"
+        | "proxy_get_shared_data"
+        | "proxy_set_shared_data"
+        | "proxy_resolve_shared_queue" => "iiiii",
+        "proxy_call_foreign_function" => "iiiiii",
+        "proxy_send_local_response" => "iiiiiiii",
+        "proxy_grpc_stream" => "iiiiiiiii",
+        "proxy_http_call" => "iiiiiiiiii",
+        "proxy_grpc_call" => "iiiiiiiiiiii",
+        _ => return None,
+    };
+    Some((params, "i"))
+}
+
 /// ABI 0.1.0 declares these as returning nothing; later SDKs as returning a status. Both link.
 pub(crate) const VOID_OR_STATUS: &[&str] = &[
     "proxy_continue_request",

@@ -69,6 +69,19 @@ pub(crate) const STUBS: &[(&str, i32)] = &[
     ("sock_shutdown", errno::BADF),
 ];
 
+/// Parameter and result letters of the implemented functions (`i` i32, `I` i64).
+pub(crate) fn signature(name: &str) -> Option<(&'static str, &'static str)> {
+    Some(match name {
+        "fd_write" => ("iiii", "i"),
+        "fd_fdstat_get" | "clock_res_get" | "random_get" | "environ_get" | "environ_sizes_get"
+        | "args_get" | "args_sizes_get" => ("ii", "i"),
+        "clock_time_get" => ("iIi", "i"),
+        "proc_exit" => ("i", ""),
+        "sched_yield" => ("", "i"),
+        _ => return None,
+    })
+}
+
 pub(crate) fn defines(name: &str) -> bool {
     IMPLEMENTED.contains(&name) || STUBS.iter().any(|(stub, _)| *stub == name)
 }

@@ -1,0 +1,1339 @@
+//! The gateway configuration: listeners, routes, clusters, the Envoy-style Wasm filters, and where
+//! WasmPlugin manifests live.
+
+use std::collections::HashMap;
+use std::fmt;
+use std::net::{IpAddr, SocketAddr};
+use std::path::{Path, PathBuf};
+use std::str::FromStr;
+use std::time::Duration;
+
+use serde::{Deserialize, Deserializer, Serialize, Serializer};
+
+use crate::duration::{serde_duration, serde_opt_duration};
+use crate::envoy::HttpFilter;
+use crate::error::{ConfigError, ConfigErrors, Report};
+use crate::plugin::PluginSpec;
+use crate::wasm_plugin::{PluginPhase, WasmPluginSpec, order_plugins};
+
+/// The default admin address.
+pub const DEFAULT_ADMIN: SocketAddr =
+    SocketAddr::new(IpAddr::V4(std::net::Ipv4Addr::new(127, 0, 0, 1)), 15000);
+
+/// The whole gateway configuration file.
+///
+/// [`from_file`](Self::from_file) / [`from_yaml_str`](Self::from_yaml_str) parse (types, unknown
+/// fields, addresses, durations) and resolve relative paths; [`validate`](Self::validate) checks
+/// meaning (references, duplicates, files, regexes). [`load`](Self::load) does both.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct GatewayConfig {
+    /// The file path or source name the configuration was read from (for error messages).
+    #[serde(skip)]
+    pub source: String,
+    /// Worker threads; default: `std::thread::available_parallelism()`.
+    #[serde(default = "default_workers")]
+    pub workers: usize,
+    /// The admin server's address; default 127.0.0.1:15000.
+    #[serde(default = "default_admin", deserialize_with = "de_socket_addr")]
+    pub admin: SocketAddr,
+    #[serde(default)]
+    pub listeners: Vec<Listener>,
+    #[serde(default)]
+    pub clusters: Vec<Cluster>,
+    /// A folder of Istio WasmPlugin manifests (see [`crate::load_wasm_plugins`]).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub plugins_dir: Option<PathBuf>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Listener {
+    pub name: String,
+    /// `ip:port`; port 0 picks a free port.
+    #[serde(deserialize_with = "de_socket_addr")]
+    pub address: SocketAddr,
+    /// Envoy-style Wasm filters, in chain order (see [`GatewayConfig::chain_for_listener`]).
+    #[serde(default)]
+    pub http_filters: Vec<HttpFilter>,
+    /// Tried in order; the first route whose domains and match fit the request wins.
+    #[serde(default)]
+    pub routes: Vec<Route>,
+    /// TLS termination; HTTP/2 and HTTP/1.1 are offered by ALPN.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tls: Option<ListenerTls>,
+    #[serde(default)]
+    pub limits: ListenerLimits,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ListenerTls {
+    /// PEM certificate chain; resolved against the config file's folder.
+    pub cert_file: PathBuf,
+    /// PEM private key; resolved against the config file's folder.
+    pub key_file: PathBuf,
+}
+
+/// Per-listener limits. A zero timeout means none.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct ListenerLimits {
+    /// Total size of the request line and headers, in KiB (default 60; over it: 431).
+    pub max_request_headers_kb: u32,
+    /// Number of request headers (default 100; over it: 431).
+    pub max_headers_count: u32,
+    /// Time allowed for a request's headers to arrive (default 10s).
+    #[serde(with = "serde_duration")]
+    pub header_read_timeout: Duration,
+    /// A connection with no request in flight is closed after this (default 300s).
+    #[serde(with = "serde_duration")]
+    pub idle_timeout: Duration,
+    /// The most a stream buffers for plugins that pause on body (default 1 MiB; over it: 413 on the
+    /// request, 500 on the response).
+    pub per_stream_buffer_limit_bytes: usize,
+}
+
+impl Default for ListenerLimits {
+    fn default() -> Self {
+        Self {
+            max_request_headers_kb: 60,
+            max_headers_count: 100,
+            header_read_timeout: Duration::from_secs(10),
+            idle_timeout: Duration::from_secs(300),
+            per_stream_buffer_limit_bytes: 1024 * 1024,
+        }
+    }
+}
+
+/// A route: which requests (domains, match) go where (exactly one of `cluster`, `direct_response`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Route {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub name: Option<String>,
+    /// Host patterns: `example.com`, `*.example.com`, `foo.*`, `*`. Empty = any host.
+    /// See [`domain_matches`].
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub domains: Vec<String>,
+    #[serde(rename = "match")]
+    pub route_match: RouteMatch,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cluster: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub direct_response: Option<DirectResponse>,
+    /// Overrides the cluster's `request_timeout` for this route (0 = none).
+    #[serde(
+        default,
+        with = "serde_opt_duration",
+        skip_serializing_if = "Option::is_none"
+    )]
+    pub timeout: Option<Duration>,
+}
+
+/// Exactly one of `prefix`, `path` (exact), `safe_regex` (must match the whole path).
+#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RouteMatch {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub prefix: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub path: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub safe_regex: Option<String>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DirectResponse {
+    /// 100..=599.
+    pub status: u16,
+    #[serde(default)]
+    pub body: String,
+}
+
+/// What a route does, once validated.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RouteAction<'a> {
+    Cluster(&'a str),
+    DirectResponse(&'a DirectResponse),
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Cluster {
+    /// Routes, and plugins' `proxy_http_call` / `proxy_grpc_call`, name clusters by this.
+    pub name: String,
+    /// Round-robin endpoints: `ip:port` or `dns-name:port`.
+    pub endpoints: Vec<Endpoint>,
+    /// Default 5s.
+    #[serde(default = "default_connect_timeout", with = "serde_duration")]
+    pub connect_timeout: Duration,
+    /// Default 15s; 0 = none. A route's `timeout` overrides it.
+    #[serde(default = "default_request_timeout", with = "serde_duration")]
+    pub request_timeout: Duration,
+    /// HTTP/2 to the upstream (prior knowledge in clear text, ALPN `h2` over TLS).
+    #[serde(default)]
+    pub http2: bool,
+    /// TLS to the upstream.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tls: Option<ClusterTls>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ClusterTls {
+    /// Server name to send and verify; default: the endpoint's host.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub sni: Option<String>,
+    /// PEM CA bundle; default: the system's roots. Resolved against the config file's folder.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ca_file: Option<PathBuf>,
+    #[serde(default)]
+    pub insecure_skip_verify: bool,
+}
+
+/// An upstream endpoint: an IP address or DNS name, and a port.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct Endpoint {
+    /// An IP literal (IPv6 without brackets) or a DNS name.
+    pub host: String,
+    pub port: u16,
+}
+
+impl Endpoint {
+    /// The socket address when the host is an IP literal (no resolution needed).
+    pub fn socket_addr(&self) -> Option<SocketAddr> {
+        self.host
+            .parse::<IpAddr>()
+            .ok()
+            .map(|ip| SocketAddr::new(ip, self.port))
+    }
+}
+
+impl fmt::Display for Endpoint {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        if self.host.contains(':') {
+            write!(f, "[{}]:{}", self.host, self.port)
+        } else {
+            write!(f, "{}:{}", self.host, self.port)
+        }
+    }
+}
+
+impl FromStr for Endpoint {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, String> {
+        if let Ok(addr) = s.parse::<SocketAddr>() {
+            if addr.port() == 0 {
+                return Err(format!("bad endpoint {s:?}: port must not be 0"));
+            }
+            return Ok(Self {
+                host: addr.ip().to_string(),
+                port: addr.port(),
+            });
+        }
+        let bad = |why: &str| format!("bad endpoint {s:?}: {why}");
+        let (host, port) = s
+            .rsplit_once(':')
+            .ok_or_else(|| bad("expected host:port (an IP address or DNS name, and a port)"))?;
+        let port: u16 = port
+            .parse()
+            .map_err(|_| bad("the port must be a number from 1 to 65535"))?;
+        if port == 0 {
+            return Err(bad("port must not be 0"));
+        }
+        if !is_dns_name(host) {
+            return Err(bad(
+                "the host must be an IP address or a DNS name (letters, digits, '-', '.')",
+            ));
+        }
+        Ok(Self {
+            host: host.to_owned(),
+            port,
+        })
+    }
+}
+
+impl Serialize for Endpoint {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.collect_str(self)
+    }
+}
+
+impl<'de> Deserialize<'de> for Endpoint {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let s = String::deserialize(d)?;
+        s.parse().map_err(serde::de::Error::custom)
+    }
+}
+
+fn is_dns_name(host: &str) -> bool {
+    !host.is_empty()
+        && host.len() <= 253
+        && host.trim_end_matches('.').split('.').all(|label| {
+            !label.is_empty()
+                && label.len() <= 63
+                && !label.starts_with('-')
+                && !label.ends_with('-')
+                && label
+                    .bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
+        })
+}
+
+fn de_socket_addr<'de, D: Deserializer<'de>>(d: D) -> Result<SocketAddr, D::Error> {
+    let s = String::deserialize(d)?;
+    s.parse().map_err(|e| {
+        serde::de::Error::custom(format!(
+            "bad address {s:?}: {e} (expected ip:port, e.g. 127.0.0.1:8080 or [::1]:8080)"
+        ))
+    })
+}
+
+fn default_workers() -> usize {
+    std::thread::available_parallelism().map_or(1, |n| n.get())
+}
+
+fn default_admin() -> SocketAddr {
+    DEFAULT_ADMIN
+}
+
+fn default_connect_timeout() -> Duration {
+    Duration::from_secs(5)
+}
+
+fn default_request_timeout() -> Duration {
+    Duration::from_secs(15)
+}
+
+impl Default for GatewayConfig {
+    fn default() -> Self {
+        Self {
+            source: String::new(),
+            workers: default_workers(),
+            admin: DEFAULT_ADMIN,
+            listeners: Vec::new(),
+            clusters: Vec::new(),
+            plugins_dir: None,
+        }
+    }
+}
+
+impl GatewayConfig {
+    /// Reads and parses a YAML file; relative paths in it resolve against the file's folder. Does not
+    /// [`validate`](Self::validate).
+    pub fn from_file(path: impl AsRef<Path>) -> Result<Self, ConfigError> {
+        let path = path.as_ref();
+        let source = path.display().to_string();
+        let text = std::fs::read_to_string(path)
+            .map_err(|e| ConfigError::new(&source, "", format!("cannot read the file: {e}")))?;
+        let base = path.parent().unwrap_or(Path::new(""));
+        Self::from_yaml_str_in(&text, &source, base)
+    }
+
+    /// Parses YAML text; `source_name` names it in errors. Relative paths stay relative (to the
+    /// process's working directory); see [`from_yaml_str_in`](Self::from_yaml_str_in).
+    pub fn from_yaml_str(text: &str, source_name: &str) -> Result<Self, ConfigError> {
+        Self::from_yaml_str_in(text, source_name, Path::new(""))
+    }
+
+    /// Parses YAML text, resolving relative paths (plugin files, `plugins_dir`, certificate, key and
+    /// CA files) against `base_dir`.
+    pub fn from_yaml_str_in(
+        text: &str,
+        source_name: &str,
+        base_dir: &Path,
+    ) -> Result<Self, ConfigError> {
+        // Syntax first, so that a syntax error is reported without a (misleading) field path.
+        serde_yaml::from_str::<serde_yaml::Value>(text)
+            .map_err(|e| ConfigError::from_yaml(source_name, &e))?;
+        let mut config: GatewayConfig = if text.trim().is_empty() {
+            GatewayConfig::default()
+        } else {
+            serde_path_to_error::deserialize(serde_yaml::Deserializer::from_str(text))
+                .map_err(|e| ConfigError::from_serde(source_name, "", e))?
+        };
+        config.source = source_name.to_owned();
+        config.resolve_paths(base_dir);
+        Ok(config)
+    }
+
+    /// [`from_file`](Self::from_file), then [`validate`](Self::validate).
+    pub fn load(path: impl AsRef<Path>) -> Result<Self, ConfigErrors> {
+        let config = Self::from_file(path)?;
+        config.validate()?;
+        Ok(config)
+    }
+
+    fn resolve_paths(&mut self, base: &Path) {
+        if let Some(dir) = &mut self.plugins_dir {
+            *dir = crate::resolve_path(base, dir);
+        }
+        for listener in &mut self.listeners {
+            for filter in &mut listener.http_filters {
+                filter.resolve_paths(base);
+            }
+            if let Some(tls) = &mut listener.tls {
+                tls.cert_file = crate::resolve_path(base, &tls.cert_file);
+                tls.key_file = crate::resolve_path(base, &tls.key_file);
+            }
+        }
+        for cluster in &mut self.clusters {
+            if let Some(ca) = cluster.tls.as_mut().and_then(|t| t.ca_file.as_mut()) {
+                *ca = crate::resolve_path(base, ca);
+            }
+        }
+    }
+
+    /// Checks what types cannot: every problem found, each with the file, the field path and the
+    /// reason.
+    pub fn validate(&self) -> Result<(), ConfigErrors> {
+        let mut report = Report::new(&self.source);
+
+        if self.workers == 0 {
+            report.push("workers".to_owned(), "must be at least 1".to_owned());
+        }
+
+        let mut cluster_names: HashMap<&str, usize> = HashMap::new();
+        for (ci, cluster) in self.clusters.iter().enumerate() {
+            let at = format!("clusters[{ci}]");
+            if cluster.name.is_empty() {
+                report.push(format!("{at}.name"), "must not be empty".to_owned());
+            } else if let Some(first) = cluster_names.insert(&cluster.name, ci) {
+                cluster_names.insert(&cluster.name, first);
+                report.push(
+                    format!("{at}.name"),
+                    format!(
+                        "duplicate cluster name {:?} (also clusters[{first}])",
+                        cluster.name
+                    ),
+                );
+            }
+            if cluster.endpoints.is_empty() {
+                report.push(
+                    format!("{at}.endpoints"),
+                    "at least one endpoint is required".to_owned(),
+                );
+            }
+            if let Some(tls) = &cluster.tls {
+                if tls.sni.as_deref() == Some("") {
+                    report.push(format!("{at}.tls.sni"), "must not be empty".to_owned());
+                }
+                if let Some(reason) = tls.ca_file.as_deref().and_then(crate::check_file) {
+                    report.push(format!("{at}.tls.ca_file"), reason);
+                }
+            }
+        }
+        let mut known: Vec<&str> = cluster_names.keys().copied().collect();
+        known.sort_unstable();
+        let known = if known.is_empty() {
+            "no clusters are defined".to_owned()
+        } else {
+            format!("known: {}", known.join(", "))
+        };
+
+        let mut listener_names: HashMap<&str, usize> = HashMap::new();
+        let mut addresses: HashMap<SocketAddr, usize> = HashMap::new();
+        for (li, listener) in self.listeners.iter().enumerate() {
+            let at = format!("listeners[{li}]");
+            if listener.name.is_empty() {
+                report.push(format!("{at}.name"), "must not be empty".to_owned());
+            } else if let Some(first) = listener_names.insert(&listener.name, li) {
+                listener_names.insert(&listener.name, first);
+                report.push(
+                    format!("{at}.name"),
+                    format!(
+                        "duplicate listener name {:?} (also listeners[{first}])",
+                        listener.name
+                    ),
+                );
+            }
+            if listener.address.port() != 0 {
+                if let Some(first) = addresses.insert(listener.address, li) {
+                    addresses.insert(listener.address, first);
+                    report.push(
+                        format!("{at}.address"),
+                        format!(
+                            "duplicate address {} (also listeners[{first}])",
+                            listener.address
+                        ),
+                    );
+                }
+                if listener.address == self.admin {
+                    report.push(
+                        format!("{at}.address"),
+                        format!("address {} is also the admin address", listener.address),
+                    );
+                }
+            }
+            if let Some(tls) = &listener.tls {
+                if let Some(reason) = crate::check_file(&tls.cert_file) {
+                    report.push(format!("{at}.tls.cert_file"), reason);
+                }
+                if let Some(reason) = crate::check_file(&tls.key_file) {
+                    report.push(format!("{at}.tls.key_file"), reason);
+                }
+            }
+            let limits = &listener.limits;
+            for (name, value) in [
+                (
+                    "max_request_headers_kb",
+                    limits.max_request_headers_kb as usize,
+                ),
+                ("max_headers_count", limits.max_headers_count as usize),
+                (
+                    "per_stream_buffer_limit_bytes",
+                    limits.per_stream_buffer_limit_bytes,
+                ),
+            ] {
+                if value == 0 {
+                    report.push(
+                        format!("{at}.limits.{name}"),
+                        "must be at least 1".to_owned(),
+                    );
+                }
+            }
+            for (fi, filter) in listener.http_filters.iter().enumerate() {
+                filter.validate(&format!("{at}.http_filters[{fi}]"), &mut report);
+            }
+            for (ri, route) in listener.routes.iter().enumerate() {
+                let at = format!("{at}.routes[{ri}]");
+                validate_route(route, &at, &cluster_names, &known, &mut report);
+            }
+        }
+
+        if let Some(dir) = &self.plugins_dir
+            && !dir.is_dir()
+        {
+            report.push(
+                "plugins_dir".to_owned(),
+                format!("directory not found: {}", dir.display()),
+            );
+        }
+        report.errors.into_result()
+    }
+
+    /// The listener's HTTP plugin chain, in request order (responses run it in reverse):
+    ///
+    /// 1. the WasmPlugins of phase `AUTHN`, then `AUTHZ`, then `STATS`,
+    /// 2. then the listener's own `http_filters`, in the order written,
+    /// 3. then the WasmPlugins of phase `UNSPECIFIED_PHASE`.
+    ///
+    /// WasmPlugins within a phase are in Istio's order ([`order_plugins`]: higher `priority` first,
+    /// unset priority last, ties by creation time, then name, then namespace). Only WasmPlugins of
+    /// type HTTP (or unspecified) that apply to the listener are included: a `match` entry with
+    /// `ports` must list the listener's port. (`selector`, `targetRefs` and `match.mode` are not
+    /// applied yet: every listener counts as selected.) An out-of-range `listener_index` gives an
+    /// empty chain; a filter without code (which validation rejects) is left out.
+    pub fn chain_for_listener(
+        &self,
+        listener_index: usize,
+        wasm_plugins: &[WasmPluginSpec],
+    ) -> Vec<PluginSpec> {
+        let Some(listener) = self.listeners.get(listener_index) else {
+            return Vec::new();
+        };
+        let mut istio: Vec<&WasmPluginSpec> = wasm_plugins
+            .iter()
+            .filter(|p| p.spec.plugin_type.is_http() && p.applies_to_port(listener.address.port()))
+            .collect();
+        order_plugins(&mut istio);
+        let (before, after): (Vec<_>, Vec<_>) = istio
+            .into_iter()
+            .partition(|p| p.spec.phase != PluginPhase::UnspecifiedPhase);
+        let own = listener
+            .http_filters
+            .iter()
+            .enumerate()
+            .filter_map(|(i, f)| f.to_plugin_spec(&listener.name, i));
+        before
+            .into_iter()
+            .map(WasmPluginSpec::to_plugin_spec)
+            .chain(own)
+            .chain(after.into_iter().map(WasmPluginSpec::to_plugin_spec))
+            .collect()
+    }
+
+    /// The index of the listener with this name.
+    pub fn listener_index(&self, name: &str) -> Option<usize> {
+        self.listeners.iter().position(|l| l.name == name)
+    }
+
+    /// The cluster with this name.
+    pub fn cluster(&self, name: &str) -> Option<&Cluster> {
+        self.clusters.iter().find(|c| c.name == name)
+    }
+}
+
+fn validate_route(
+    route: &Route,
+    at: &str,
+    clusters: &HashMap<&str, usize>,
+    known: &str,
+    report: &mut Report<'_>,
+) {
+    let m = &route.route_match;
+    let set: Vec<&str> = [
+        ("prefix", m.prefix.is_some()),
+        ("path", m.path.is_some()),
+        ("safe_regex", m.safe_regex.is_some()),
+    ]
+    .into_iter()
+    .filter_map(|(name, is_set)| is_set.then_some(name))
+    .collect();
+    if set.len() != 1 {
+        let found = if set.is_empty() {
+            "none".to_owned()
+        } else {
+            set.join(", ")
+        };
+        report.push(
+            format!("{at}.match"),
+            format!("exactly one of prefix, path, safe_regex must be set (found {found})"),
+        );
+    }
+    if let Some(path) = &m.path
+        && !path.starts_with('/')
+    {
+        report.push(
+            format!("{at}.match.path"),
+            format!("{path:?} must start with '/'"),
+        );
+    }
+    if let Some(re) = &m.safe_regex
+        && let Err(e) = compile_full_match(re)
+    {
+        report.push(format!("{at}.match.safe_regex"), e);
+    }
+    for (di, domain) in route.domains.iter().enumerate() {
+        if let Err(reason) = check_domain(domain) {
+            report.push(format!("{at}.domains[{di}]"), reason);
+        }
+    }
+    match (&route.cluster, &route.direct_response) {
+        (Some(_), Some(_)) => report.push(
+            at.to_owned(),
+            "exactly one of cluster, direct_response must be set (found both)".to_owned(),
+        ),
+        (None, None) => report.push(
+            at.to_owned(),
+            "exactly one of cluster, direct_response must be set (found neither)".to_owned(),
+        ),
+        _ => {}
+    }
+    if let Some(cluster) = &route.cluster
+        && !clusters.contains_key(cluster.as_str())
+    {
+        report.push(
+            format!("{at}.cluster"),
+            format!("unknown cluster {cluster:?} ({known})"),
+        );
+    }
+    if let Some(direct) = &route.direct_response
+        && !(100..=599).contains(&direct.status)
+    {
+        report.push(
+            format!("{at}.direct_response.status"),
+            format!("status {} is outside 100..=599", direct.status),
+        );
+    }
+}
+
+fn check_domain(domain: &str) -> Result<(), String> {
+    if domain.is_empty() {
+        return Err("a domain must not be empty".to_owned());
+    }
+    let stars = domain.matches('*').count();
+    if domain == "*" {
+        return Ok(());
+    }
+    if stars > 1 || (stars == 1 && !domain.starts_with('*') && !domain.ends_with('*')) {
+        return Err(format!(
+            "invalid domain {domain:?}: one wildcard at most, at the start or the end"
+        ));
+    }
+    if domain.contains(char::is_whitespace) || domain.contains('/') {
+        return Err(format!("invalid domain {domain:?}"));
+    }
+    Ok(())
+}
+
+/// Whether a route domain pattern matches a request host (`Host` / `:authority`), as Envoy matches
+/// virtual host domains: case-insensitive; `*` matches any host; `*.example.com` / `*-bar.example.com`
+/// match a non-empty prefix, `foo.*` a non-empty suffix; otherwise exact. A host with a port is tried
+/// with the port, then without it.
+pub fn domain_matches(pattern: &str, host: &str) -> bool {
+    let matches = |host: &str| {
+        let (p, h) = (pattern.to_ascii_lowercase(), host.to_ascii_lowercase());
+        if p == "*" {
+            true
+        } else if let Some(suffix) = p.strip_prefix('*') {
+            h.len() > suffix.len() && h.ends_with(suffix)
+        } else if let Some(prefix) = p.strip_suffix('*') {
+            h.len() > prefix.len() && h.starts_with(prefix)
+        } else {
+            p == h
+        }
+    };
+    matches(host) || strip_port(host).is_some_and(matches)
+}
+
+fn strip_port(host: &str) -> Option<&str> {
+    if let Some(rest) = host.strip_prefix('[') {
+        let end = rest.find(']')?;
+        return (rest.len() > end + 1).then(|| &host[..end + 2]);
+    }
+    let (name, port) = host.rsplit_once(':')?;
+    (!name.contains(':') && port.bytes().all(|b| b.is_ascii_digit())).then_some(name)
+}
+
+impl Route {
+    /// The action, when exactly one of `cluster` / `direct_response` is set (always, once validated).
+    pub fn action(&self) -> Option<RouteAction<'_>> {
+        match (&self.cluster, &self.direct_response) {
+            (Some(c), None) => Some(RouteAction::Cluster(c)),
+            (None, Some(d)) => Some(RouteAction::DirectResponse(d)),
+            _ => None,
+        }
+    }
+
+    /// Whether the route's `domains` accept this host (no domains = any host).
+    pub fn matches_host(&self, host: &str) -> bool {
+        self.domains.is_empty() || self.domains.iter().any(|d| domain_matches(d, host))
+    }
+}
+
+/// A compiled path match; build it once per route with [`RouteMatch::matcher`].
+#[derive(Debug, Clone)]
+pub enum PathMatcher {
+    Prefix(String),
+    Exact(String),
+    /// Anchored: matches only the whole path.
+    Regex(regex::Regex),
+}
+
+impl PathMatcher {
+    /// Matches a request's `:path`. `Prefix` looks at the whole `:path`; `Exact` and `Regex` at the
+    /// path without its query string, as Envoy does.
+    pub fn matches(&self, path: &str) -> bool {
+        let without_query = path.split_once('?').map_or(path, |(p, _)| p);
+        match self {
+            PathMatcher::Prefix(prefix) => path.starts_with(prefix.as_str()),
+            PathMatcher::Exact(exact) => without_query == exact,
+            PathMatcher::Regex(re) => re.is_match(without_query),
+        }
+    }
+}
+
+impl RouteMatch {
+    /// Compiles the match (the first of prefix, path, safe_regex that is set). Errors name the
+    /// reason, as validation reports it.
+    pub fn matcher(&self) -> Result<PathMatcher, String> {
+        if let Some(prefix) = &self.prefix {
+            Ok(PathMatcher::Prefix(prefix.clone()))
+        } else if let Some(path) = &self.path {
+            Ok(PathMatcher::Exact(path.clone()))
+        } else if let Some(re) = &self.safe_regex {
+            compile_full_match(re).map(PathMatcher::Regex)
+        } else {
+            Err("exactly one of prefix, path, safe_regex must be set (found none)".to_owned())
+        }
+    }
+}
+
+fn compile_full_match(re: &str) -> Result<regex::Regex, String> {
+    regex::Regex::new(&format!("^(?:{re})$")).map_err(|e| {
+        let text = e.to_string();
+        let why = text
+            .lines()
+            .rev()
+            .find_map(|l| l.strip_prefix("error: "))
+            .map_or_else(|| text.replace('\n', " "), str::to_owned);
+        format!("invalid regex {re:?}: {why}")
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::plugin::{CodeSource, FailurePolicy, PluginOrigin};
+    use std::fs;
+
+    /// The issue's sample, with every optional field the brief lists.
+    fn sample(plugin: &Path) -> String {
+        format!(
+            r#"
+workers: 1
+admin: 127.0.0.1:15000
+listeners:
+  - name: main
+    address: 127.0.0.1:8080
+    http_filters:
+      - name: my-filter
+        root_id: ""
+        configuration: "a string, or a YAML map that is passed as JSON"
+        vm_config: {{ vm_id: v1, runtime: envoy.wasm.runtime.v8, code: {{ local: {{ filename: {} }} }} }}
+    routes:
+      - match: {{ prefix: / }}
+        cluster: upstream
+clusters:
+  - name: upstream
+    endpoints: [127.0.0.1:18080]
+plugins_dir: ./plugins.d
+"#,
+            plugin.display()
+        )
+    }
+
+    fn temp_with_plugin() -> (tempfile::TempDir, PathBuf) {
+        let dir = tempfile::tempdir().unwrap();
+        let plugin = dir.path().join("plugin.wasm");
+        fs::write(&plugin, b"\0asm\x01\0\0\0").unwrap();
+        fs::create_dir(dir.path().join("plugins.d")).unwrap();
+        (dir, plugin)
+    }
+
+    fn parse(text: &str) -> GatewayConfig {
+        GatewayConfig::from_yaml_str(text, "gw.yaml").unwrap()
+    }
+
+    fn parse_err(text: &str) -> String {
+        GatewayConfig::from_yaml_str(text, "gw.yaml")
+            .unwrap_err()
+            .to_string()
+    }
+
+    fn validate_errs(text: &str) -> Vec<String> {
+        match parse(text).validate() {
+            Ok(()) => Vec::new(),
+            Err(errors) => errors.iter().map(ToString::to_string).collect(),
+        }
+    }
+
+    const MINIMAL: &str = "
+listeners:
+  - name: main
+    address: 127.0.0.1:0
+    routes:
+      - match: { prefix: / }
+        cluster: upstream
+clusters:
+  - name: upstream
+    endpoints: [127.0.0.1:18080]
+";
+
+    #[test]
+    fn parses_the_issue_sample() {
+        let (dir, plugin) = temp_with_plugin();
+        let path = dir.path().join("gateway.yaml");
+        fs::write(&path, sample(&plugin)).unwrap();
+        let config = GatewayConfig::load(&path).unwrap();
+        assert_eq!(config.source, path.display().to_string());
+        assert_eq!(config.workers, 1);
+        assert_eq!(config.admin, DEFAULT_ADMIN);
+        assert_eq!(config.plugins_dir, Some(dir.path().join("./plugins.d")));
+        let listener = &config.listeners[0];
+        assert_eq!(listener.name, "main");
+        assert_eq!(listener.address, "127.0.0.1:8080".parse().unwrap());
+        assert_eq!(listener.limits, ListenerLimits::default());
+        assert_eq!(listener.tls, None);
+        let filter = &listener.http_filters[0];
+        assert_eq!(filter.name, "my-filter");
+        assert_eq!(filter.root_id, "");
+        assert_eq!(
+            filter.configuration,
+            "a string, or a YAML map that is passed as JSON"
+        );
+        assert_eq!(filter.vm_config.vm_id, "v1");
+        assert_eq!(
+            filter.vm_config.runtime.as_deref(),
+            Some("envoy.wasm.runtime.v8")
+        );
+        let route = &listener.routes[0];
+        assert_eq!(route.route_match.prefix.as_deref(), Some("/"));
+        assert_eq!(route.action(), Some(RouteAction::Cluster("upstream")));
+        assert!(route.matches_host("anything.example"));
+        let cluster = config.cluster("upstream").unwrap();
+        assert_eq!(
+            cluster.endpoints,
+            vec![Endpoint {
+                host: "127.0.0.1".into(),
+                port: 18080
+            }]
+        );
+        assert_eq!(
+            cluster.endpoints[0].socket_addr(),
+            Some("127.0.0.1:18080".parse().unwrap())
+        );
+        assert_eq!(cluster.connect_timeout, Duration::from_secs(5));
+        assert_eq!(cluster.request_timeout, Duration::from_secs(15));
+        assert!(!cluster.http2);
+
+        let chain = config.chain_for_listener(0, &[]);
+        assert_eq!(
+            chain,
+            vec![PluginSpec {
+                name: "my-filter".into(),
+                root_id: String::new(),
+                vm_id: "v1".into(),
+                vm_configuration: Vec::new(),
+                configuration: b"a string, or a YAML map that is passed as JSON".to_vec(),
+                source: CodeSource::Local(plugin.clone()),
+                environment: Vec::new(),
+                failure_policy: FailurePolicy::FailClosed,
+                origin: PluginOrigin::EnvoyFilter {
+                    listener: "main".into(),
+                    index: 0
+                },
+            }]
+        );
+        assert!(config.chain_for_listener(1, &[]).is_empty());
+    }
+
+    #[test]
+    fn defaults_when_optional_fields_are_absent() {
+        let config = parse(MINIMAL);
+        assert_eq!(
+            config.workers,
+            std::thread::available_parallelism().unwrap().get()
+        );
+        assert_eq!(config.admin.to_string(), "127.0.0.1:15000");
+        assert_eq!(config.plugins_dir, None);
+        let limits = &config.listeners[0].limits;
+        assert_eq!(limits.max_request_headers_kb, 60);
+        assert_eq!(limits.max_headers_count, 100);
+        assert_eq!(limits.header_read_timeout, Duration::from_secs(10));
+        assert_eq!(limits.idle_timeout, Duration::from_secs(300));
+        assert_eq!(limits.per_stream_buffer_limit_bytes, 1 << 20);
+        config.validate().unwrap();
+        assert_eq!(parse("").listeners, Vec::new());
+    }
+
+    #[test]
+    fn relative_paths_resolve_against_the_config_folder() {
+        let (dir, _) = temp_with_plugin();
+        fs::write(dir.path().join("cert.pem"), "x").unwrap();
+        fs::write(dir.path().join("key.pem"), "x").unwrap();
+        fs::write(dir.path().join("ca.pem"), "x").unwrap();
+        let path = dir.path().join("gw.yaml");
+        fs::write(
+            &path,
+            "
+listeners:
+  - name: main
+    address: 127.0.0.1:0
+    tls: { cert_file: cert.pem, key_file: ./key.pem }
+    http_filters:
+      - vm_config: { code: { local: { filename: plugin.wasm } } }
+clusters:
+  - name: up
+    endpoints: [backend.internal:443]
+    tls: { sni: backend.internal, ca_file: ca.pem }
+plugins_dir: plugins.d
+",
+        )
+        .unwrap();
+        let config = GatewayConfig::load(&path).unwrap();
+        let l = &config.listeners[0];
+        let tls = l.tls.as_ref().unwrap();
+        assert_eq!(tls.cert_file, dir.path().join("cert.pem"));
+        assert_eq!(tls.key_file, dir.path().join("./key.pem"));
+        assert_eq!(
+            l.http_filters[0]
+                .vm_config
+                .code
+                .local
+                .as_ref()
+                .unwrap()
+                .filename,
+            dir.path().join("plugin.wasm")
+        );
+        let ctls = config.clusters[0].tls.as_ref().unwrap();
+        assert_eq!(ctls.ca_file, Some(dir.path().join("ca.pem")));
+        assert_eq!(config.plugins_dir, Some(dir.path().join("plugins.d")));
+        assert_eq!(
+            config.clusters[0].endpoints[0].to_string(),
+            "backend.internal:443"
+        );
+        assert_eq!(config.clusters[0].endpoints[0].socket_addr(), None);
+    }
+
+    #[test]
+    fn every_optional_field() {
+        let config = parse(
+            r#"
+listeners:
+  - name: main
+    address: "[::1]:8443"
+    limits:
+      max_request_headers_kb: 8
+      max_headers_count: 20
+      header_read_timeout: 250ms
+      idle_timeout: 1m
+      per_stream_buffer_limit_bytes: 4096
+    routes:
+      - name: api
+        domains: ["example.com", "*.example.com"]
+        match: { safe_regex: "^/api/.*" }
+        cluster: upstream
+        timeout: 1.5s
+      - match: { path: /health }
+        direct_response: { status: 200, body: ok }
+clusters:
+  - name: upstream
+    endpoints: ["[::1]:9000", "upstream.svc:80"]
+    connect_timeout: 2
+    request_timeout: 0
+    http2: true
+    tls: { insecure_skip_verify: true }
+"#,
+        );
+        let l = &config.listeners[0];
+        assert_eq!(l.address.to_string(), "[::1]:8443");
+        assert_eq!(l.limits.max_request_headers_kb, 8);
+        assert_eq!(l.limits.max_headers_count, 20);
+        assert_eq!(l.limits.header_read_timeout, Duration::from_millis(250));
+        assert_eq!(l.limits.idle_timeout, Duration::from_secs(60));
+        assert_eq!(l.limits.per_stream_buffer_limit_bytes, 4096);
+        let api = &l.routes[0];
+        assert_eq!(api.name.as_deref(), Some("api"));
+        assert_eq!(api.timeout, Some(Duration::from_millis(1500)));
+        assert!(api.matches_host("EXAMPLE.com:8443"));
+        assert!(api.matches_host("a.example.com"));
+        assert!(!api.matches_host("example.org"));
+        let m = api.route_match.matcher().unwrap();
+        assert!(m.matches("/api/x?y=1"));
+        assert!(!m.matches("/apix"));
+        let health = &l.routes[1];
+        assert_eq!(
+            health.action(),
+            Some(RouteAction::DirectResponse(&DirectResponse {
+                status: 200,
+                body: "ok".into()
+            }))
+        );
+        let c = &config.clusters[0];
+        assert_eq!(c.endpoints[0].host, "::1");
+        assert_eq!(c.endpoints[0].to_string(), "[::1]:9000");
+        assert_eq!(c.endpoints[1].host, "upstream.svc");
+        assert_eq!(c.connect_timeout, Duration::from_secs(2));
+        assert_eq!(c.request_timeout, Duration::ZERO);
+        assert!(c.http2);
+        assert!(c.tls.as_ref().unwrap().insecure_skip_verify);
+        config.validate().unwrap();
+    }
+
+    #[test]
+    fn configuration_string_or_map_as_json() {
+        let config = parse(
+            r#"
+listeners:
+  - name: main
+    address: 127.0.0.1:0
+    http_filters:
+      - name: as-string
+        configuration: '{"keep": "as is"}'
+        vm_config: { code: { remote: { http_uri: { uri: "https://example.com/p.wasm", timeout: 10s }, sha256: "ABCDEF0123456789abcdef0123456789abcdef0123456789abcdef0123456789" } } }
+      - name: as-map
+        configuration: { header: x-added, values: [1, two], nested: { on: true } }
+        vm_config:
+          code: { local: { filename: /p.wasm } }
+          configuration: { vm: 1 }
+          environment_variables: { host_env_keys: [HOME_X, MISSING], key_values: { B: "2", A: "1" } }
+      - name: as-envoy-any
+        configuration:
+          "@type": type.googleapis.com/google.protobuf.StringValue
+          value: raw text
+        fail_open: true
+        vm_config: { code: { local: { filename: /p.wasm } } }
+      - name: reload
+        failure_policy: FAIL_RELOAD
+        vm_config: { code: { local: { filename: /p.wasm } } }
+"#,
+        );
+        let f = &config.listeners[0].http_filters;
+        assert_eq!(f[0].configuration, r#"{"keep": "as is"}"#);
+        assert_eq!(
+            f[1].configuration,
+            r#"{"header":"x-added","nested":{"on":true},"values":[1,"two"]}"#
+        );
+        assert_eq!(f[1].vm_config.configuration, r#"{"vm":1}"#);
+        assert_eq!(f[2].configuration, "raw text");
+
+        let env = |k: &str| (k == "HOME_X").then(|| "/home/x".to_owned());
+        let specs: Vec<PluginSpec> = f
+            .iter()
+            .enumerate()
+            .map(|(i, f)| f.to_plugin_spec_with_env("main", i, &env).unwrap())
+            .collect();
+        assert_eq!(
+            specs[0].source,
+            CodeSource::Remote {
+                uri: "https://example.com/p.wasm".into(),
+                sha256: Some(
+                    "abcdef0123456789abcdef0123456789abcdef0123456789abcdef0123456789".into()
+                ),
+            }
+        );
+        assert_eq!(specs[1].vm_configuration, br#"{"vm":1}"#);
+        assert_eq!(
+            specs[1].environment,
+            vec![
+                ("HOME_X".to_owned(), "/home/x".to_owned()),
+                ("A".to_owned(), "1".to_owned()),
+                ("B".to_owned(), "2".to_owned()),
+            ]
+        );
+        assert_eq!(specs[0].failure_policy, FailurePolicy::FailClosed);
+        assert_eq!(specs[2].failure_policy, FailurePolicy::FailOpen);
+        assert_eq!(specs[3].failure_policy, FailurePolicy::FailReload);
+    }
+
+    #[test]
+    fn type_errors_name_the_field_and_position() {
+        assert_eq!(
+            parse_err("listeners:\n  - name: a\n    address: 127.0.0.1:1\n    clustr: x\n"),
+            "gw.yaml: listeners[0].clustr: unknown field `clustr`, expected one of `name`, \
+             `address`, `http_filters`, `routes`, `tls`, `limits` (line 4, column 5)"
+        );
+        assert_eq!(
+            parse_err("listeners:\n  - name: a\n    address: foo\n"),
+            "gw.yaml: listeners[0].address: bad address \"foo\": invalid socket address syntax \
+             (expected ip:port, e.g. 127.0.0.1:8080 or [::1]:8080) (line 2, column 5)"
+        );
+        assert_eq!(
+            parse_err("admin: localhost:15000\n"),
+            "gw.yaml: admin: bad address \"localhost:15000\": invalid socket address syntax \
+             (expected ip:port, e.g. 127.0.0.1:8080 or [::1]:8080) (line 1, column 1)"
+        );
+        assert_eq!(
+            parse_err("clusters:\n  - name: up\n    endpoints: [foo]\n"),
+            "gw.yaml: clusters[0].endpoints[0]: bad endpoint \"foo\": expected host:port (an IP \
+             address or DNS name, and a port) (line 3, column 16)"
+        );
+        assert_eq!(
+            parse_err("clusters:\n  - name: up\n    endpoints: [\"bad host:80\"]\n"),
+            "gw.yaml: clusters[0].endpoints[0]: bad endpoint \"bad host:80\": the host must be an \
+             IP address or a DNS name (letters, digits, '-', '.') (line 3, column 16)"
+        );
+        assert_eq!(
+            parse_err("clusters:\n  - name: up\n    endpoints: [a:1]\n    connect_timeout: 5 s\n"),
+            "gw.yaml: clusters[0].connect_timeout: invalid duration \"5 s\": expected a number \
+             with a unit (ns, us, ms, s, m, h), e.g. \"10s\", \"250ms\", \"1.5s\", \"1m\", or a \
+             number of seconds (line 4, column 22)"
+        );
+        assert_eq!(
+            parse_err("listeners:\n  - address: 127.0.0.1:1\n"),
+            "gw.yaml: listeners[0].name: required field is missing (line 2, column 5)"
+        );
+        assert_eq!(
+            parse_err("workers: -1\n"),
+            "gw.yaml: workers: invalid type: integer `-1`, expected usize (line 1, column 10)"
+        );
+        assert_eq!(
+            parse_err(
+                "listeners:\n  - name: a\n    address: 127.0.0.1:1\n    http_filters:\n      - \
+                 vm_config: { code: { local: { filename: /x } } }\n        failure_policy: OPEN\n"
+            ),
+            "gw.yaml: listeners[0].http_filters[0].failure_policy: unknown variant `OPEN`, \
+             expected one of `UNSPECIFIED`, `FAIL_CLOSED`, `FAIL_OPEN`, `FAIL_RELOAD` (line 6, \
+             column 25)"
+        );
+        // Syntax errors carry no field, only the position.
+        assert_eq!(
+            parse_err("listeners: [\n"),
+            "gw.yaml: did not find expected node content, while parsing a flow node (line 2, \
+             column 1)"
+        );
+    }
+
+    #[test]
+    fn from_file_names_the_file() {
+        let err = GatewayConfig::from_file("/nonexistent/gw.yaml").unwrap_err();
+        assert_eq!(err.source, "/nonexistent/gw.yaml");
+        assert_eq!(err.field, "");
+        assert!(err.reason.starts_with("cannot read the file: "), "{err}");
+    }
+
+    #[test]
+    fn semantic_errors_name_file_field_and_reason() {
+        let errs = validate_errs(
+            r#"
+workers: 0
+listeners:
+  - name: main
+    address: 127.0.0.1:8080
+    routes:
+      - match: { prefix: / }
+        cluster: x
+      - match: { prefix: /, path: /a }
+        cluster: upstream
+      - match: {}
+        direct_response: { status: 700 }
+      - match: { safe_regex: "(" }
+        cluster: upstream
+        direct_response: { status: 200 }
+      - match: { path: /a }
+      - match: { path: nope }
+        domains: ["a*b", ""]
+        cluster: upstream
+  - name: main
+    address: 127.0.0.1:8080
+    limits: { max_headers_count: 0 }
+    http_filters:
+      - vm_config: { code: { local: { filename: /definitely/not/here.wasm } } }
+      - vm_config: { code: { remote: { http_uri: { uri: "https://x/p.wasm" } } } }
+      - vm_config: { code: { remote: { http_uri: { uri: "ftp://x/p.wasm" }, sha256: abc } } }
+      - vm_config: { code: {} }
+      - fail_open: true
+        failure_policy: FAIL_CLOSED
+        vm_config:
+          code: { local: { filename: /definitely/not/here.wasm }, remote: { http_uri: { uri: "https://x" }, sha256: "0000000000000000000000000000000000000000000000000000000000000000" } }
+          environment_variables: { host_env_keys: [A], key_values: { A: "1" } }
+  - name: ""
+    address: 127.0.0.1:15000
+    tls: { cert_file: /no/cert.pem, key_file: /no/key.pem }
+clusters:
+  - name: upstream
+    endpoints: [127.0.0.1:1]
+  - name: upstream
+    endpoints: []
+    tls: { ca_file: /no/ca.pem, sni: "" }
+  - name: ""
+    endpoints: [a:1]
+plugins_dir: /no/plugins.d
+"#,
+        );
+        let expected = [
+            "gw.yaml: workers: must be at least 1",
+            "gw.yaml: clusters[1].name: duplicate cluster name \"upstream\" (also clusters[0])",
+            "gw.yaml: clusters[1].endpoints: at least one endpoint is required",
+            "gw.yaml: clusters[1].tls.sni: must not be empty",
+            "gw.yaml: clusters[1].tls.ca_file: file not found: /no/ca.pem",
+            "gw.yaml: clusters[2].name: must not be empty",
+            "gw.yaml: listeners[0].routes[0].cluster: unknown cluster \"x\" (known: upstream)",
+            "gw.yaml: listeners[0].routes[1].match: exactly one of prefix, path, safe_regex must \
+             be set (found prefix, path)",
+            "gw.yaml: listeners[0].routes[2].match: exactly one of prefix, path, safe_regex must \
+             be set (found none)",
+            "gw.yaml: listeners[0].routes[2].direct_response.status: status 700 is outside \
+             100..=599",
+            "gw.yaml: listeners[0].routes[3].match.safe_regex: invalid regex \"(\": unclosed group",
+            "gw.yaml: listeners[0].routes[3]: exactly one of cluster, direct_response must be set \
+             (found both)",
+            "gw.yaml: listeners[0].routes[4]: exactly one of cluster, direct_response must be set \
+             (found neither)",
+            "gw.yaml: listeners[0].routes[5].match.path: \"nope\" must start with '/'",
+            "gw.yaml: listeners[0].routes[5].domains[0]: invalid domain \"a*b\": one wildcard at \
+             most, at the start or the end",
+            "gw.yaml: listeners[0].routes[5].domains[1]: a domain must not be empty",
+            "gw.yaml: listeners[1].name: duplicate listener name \"main\" (also listeners[0])",
+            "gw.yaml: listeners[1].address: duplicate address 127.0.0.1:8080 (also listeners[0])",
+            "gw.yaml: listeners[1].limits.max_headers_count: must be at least 1",
+            "gw.yaml: listeners[1].http_filters[0].vm_config.code.local.filename: file not found: \
+             /definitely/not/here.wasm",
+            "gw.yaml: listeners[1].http_filters[1].vm_config.code.remote.sha256: required for \
+             remote code",
+            "gw.yaml: listeners[1].http_filters[2].vm_config.code.remote.http_uri.uri: unsupported \
+             URI \"ftp://x/p.wasm\": expected http:// or https://",
+            "gw.yaml: listeners[1].http_filters[2].vm_config.code.remote.sha256: \"abc\" is not 64 \
+             hexadecimal characters",
+            "gw.yaml: listeners[1].http_filters[3].vm_config.code: exactly one of local, remote \
+             must be set (found neither)",
+            "gw.yaml: listeners[1].http_filters[4].vm_config.code: exactly one of local, remote \
+             must be set (found both)",
+            "gw.yaml: listeners[1].http_filters[4].vm_config.code.local.filename: file not found: \
+             /definitely/not/here.wasm",
+            "gw.yaml: listeners[1].http_filters[4].fail_open: conflicts with failure_policy \
+             FAIL_CLOSED",
+            "gw.yaml: listeners[1].http_filters[4].vm_config.environment_variables.key_values.A: \
+             \"A\" is also listed in host_env_keys",
+            "gw.yaml: listeners[2].name: must not be empty",
+            "gw.yaml: listeners[2].address: address 127.0.0.1:15000 is also the admin address",
+            "gw.yaml: listeners[2].tls.cert_file: file not found: /no/cert.pem",
+            "gw.yaml: listeners[2].tls.key_file: file not found: /no/key.pem",
+            "gw.yaml: plugins_dir: directory not found: /no/plugins.d",
+        ];
+        assert_eq!(errs, expected);
+    }
+
+    #[test]
+    fn unknown_cluster_without_clusters() {
+        let errs = validate_errs(
+            "listeners:\n  - name: a\n    address: 127.0.0.1:0\n    routes:\n      - match: { prefix: / }\n        cluster: x\n",
+        );
+        assert_eq!(
+            errs,
+            [
+                "gw.yaml: listeners[0].routes[0].cluster: unknown cluster \"x\" (no clusters are defined)"
+            ]
+        );
+    }
+
+    #[test]
+    fn port_zero_listeners_may_share_an_address() {
+        let errs = validate_errs(
+            "listeners:\n  - name: a\n    address: 127.0.0.1:0\n  - name: b\n    address: 127.0.0.1:0\n",
+        );
+        assert!(errs.is_empty(), "{errs:?}");
+    }
+
+    #[test]
+    fn domain_patterns() {
+        assert!(domain_matches("*", "anything"));
+        assert!(domain_matches("example.com", "Example.COM"));
+        assert!(domain_matches("example.com", "example.com:8080"));
+        assert!(!domain_matches("example.com", "www.example.com"));
+        assert!(domain_matches("*.example.com", "a.b.example.com"));
+        assert!(!domain_matches("*.example.com", ".example.com"));
+        assert!(!domain_matches("*.example.com", "example.com"));
+        assert!(domain_matches("*-bar.example.com", "foo-bar.example.com"));
+        assert!(domain_matches("foo.*", "foo.org"));
+        assert!(domain_matches("example.com:8080", "example.com:8080"));
+        assert!(domain_matches("[::1]", "[::1]:8080"));
+    }
+
+    #[test]
+    fn path_matchers() {
+        let prefix = RouteMatch {
+            prefix: Some("/api".into()),
+            ..Default::default()
+        };
+        assert!(prefix.matcher().unwrap().matches("/api/v1"));
+        assert!(!prefix.matcher().unwrap().matches("/ap"));
+        let exact = RouteMatch {
+            path: Some("/health".into()),
+            ..Default::default()
+        };
+        assert!(exact.matcher().unwrap().matches("/health?verbose=1"));
+        assert!(!exact.matcher().unwrap().matches("/health/x"));
+        let regex = RouteMatch {
+            safe_regex: Some("/v[0-9]+/.*".into()),
+            ..Default::default()
+        };
+        let m = regex.matcher().unwrap();
+        assert!(m.matches("/v2/items"));
+        assert!(!m.matches("/x/v2/items"), "the whole path must match");
+        assert!(RouteMatch::default().matcher().is_err());
+    }
+
+    #[test]
+    fn serializes_to_json_that_parses_back() {
+        let (dir, plugin) = temp_with_plugin();
+        let path = dir.path().join("gateway.yaml");
+        fs::write(&path, sample(&plugin)).unwrap();
+        let config = GatewayConfig::from_file(&path).unwrap();
+        let json = serde_json::to_string_pretty(&config).unwrap();
+        assert!(json.contains("\"connect_timeout\": \"5s\""), "{json}");
+        let back = GatewayConfig::from_yaml_str(&json, "dump.json").unwrap();
+        assert_eq!(
+            GatewayConfig {
+                source: config.source.clone(),
+                ..back
+            },
+            config
+        );
+    }
+}

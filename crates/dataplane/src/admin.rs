@@ -1,0 +1,161 @@
+//! The admin server on its own address and thread, as Envoy's: readiness, Prometheus stats, log
+//! levels at run time, the effective configuration, and the plugins' state.
+
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use bytes::Bytes;
+use http::{Method, Request, Response, StatusCode};
+use http_body_util::Full;
+use hyper::body::Incoming;
+use hyper::service::service_fn;
+use hyper_util::rt::TokioIo;
+use parking_lot::RwLock;
+use tokio::sync::watch;
+use wasmgate_abi::LogLevel;
+use wasmgate_runtime::Runtime;
+
+use crate::stats::GatewayStats;
+
+/// Changes the gateway's own log filter (a tracing reload handle, say).
+pub type LogFilterSetter = Arc<dyn Fn(&str) -> Result<(), String> + Send + Sync>;
+
+#[derive(Clone)]
+pub struct AdminState {
+    pub runtime: Arc<Runtime>,
+    pub stats: Arc<GatewayStats>,
+    /// `/config_dump`: the effective configuration, secrets already removed.
+    pub config_dump: Arc<RwLock<serde_json::Value>>,
+    /// `/plugins`: url, sha256 and state of each plugin.
+    pub plugins: Arc<RwLock<serde_json::Value>>,
+    pub set_log_filter: Option<LogFilterSetter>,
+}
+
+pub struct AdminHandle {
+    pub address: SocketAddr,
+    shutdown: watch::Sender<bool>,
+    thread: std::thread::JoinHandle<()>,
+}
+
+impl AdminHandle {
+    pub fn shutdown(self) {
+        let _ = self.shutdown.send(true);
+        let _ = self.thread.join();
+    }
+}
+
+pub fn start_admin(address: SocketAddr, state: AdminState) -> std::io::Result<AdminHandle> {
+    let socket = std::net::TcpListener::bind(address)?;
+    socket.set_nonblocking(true)?;
+    let address = socket.local_addr()?;
+    let (shutdown, mut stop) = watch::channel(false);
+    let tokio = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    let thread = std::thread::Builder::new()
+        .name("wasmgate-admin".into())
+        .spawn(move || {
+            tokio.block_on(async move {
+                let Ok(socket) = tokio::net::TcpListener::from_std(socket) else {
+                    return;
+                };
+                loop {
+                    let accepted = tokio::select! {
+                        accepted = socket.accept() => accepted,
+                        _ = stop.changed() => return,
+                    };
+                    let Ok((stream, _)) = accepted else { continue };
+                    let state = state.clone();
+                    tokio::spawn(async move {
+                        let service = service_fn(move |request| {
+                            let state = state.clone();
+                            async move { Ok::<_, Infallible>(serve(&state, request)) }
+                        });
+                        let _ = hyper::server::conn::http1::Builder::new()
+                            .serve_connection(TokioIo::new(stream), service)
+                            .await;
+                    });
+                }
+            });
+        })?;
+    Ok(AdminHandle {
+        address,
+        shutdown,
+        thread,
+    })
+}
+
+fn text(status: StatusCode, content_type: &str, body: impl Into<Bytes>) -> Response<Full<Bytes>> {
+    let mut response = Response::new(Full::new(body.into()));
+    *response.status_mut() = status;
+    response.headers_mut().insert(
+        http::header::CONTENT_TYPE,
+        content_type.parse().expect("valid content type"),
+    );
+    response
+}
+
+fn json(value: &serde_json::Value) -> Response<Full<Bytes>> {
+    let body = serde_json::to_string_pretty(value).unwrap_or_else(|_| "null".into());
+    text(StatusCode::OK, "application/json", body + "\n")
+}
+
+fn serve(state: &AdminState, request: Request<Incoming>) -> Response<Full<Bytes>> {
+    let query = request.uri().query().unwrap_or("");
+    match (request.method(), request.uri().path()) {
+        (&Method::GET, "/ready") => text(StatusCode::OK, "text/plain", "LIVE\n"),
+        (&Method::GET, "/stats/prometheus") => text(
+            StatusCode::OK,
+            "text/plain; version=0.0.4",
+            state.stats.prometheus(&state.runtime.shared().metrics),
+        ),
+        (&Method::GET, "/config_dump") => json(&state.config_dump.read()),
+        (&Method::GET, "/plugins") => json(&state.plugins.read()),
+        (&Method::GET, "/logging") => text(StatusCode::OK, "text/plain", loggers(state)),
+        (&Method::POST, "/logging") => set_logging(state, query),
+        _ => text(StatusCode::NOT_FOUND, "text/plain", "not found\n"),
+    }
+}
+
+fn loggers(state: &AdminState) -> String {
+    format!("active loggers:\n  wasm: {}\n", state.runtime.log_level())
+}
+
+/// `POST /logging?wasm=debug` sets the plugins' level; `?level=debug` sets every logger, the
+/// gateway's own included, as Envoy's admin does.
+fn set_logging(state: &AdminState, query: &str) -> Response<Full<Bytes>> {
+    for pair in query.split('&').filter(|p| !p.is_empty()) {
+        let (name, value) = pair.split_once('=').unwrap_or((pair, ""));
+        let Some(level) = LogLevel::parse(value) else {
+            return text(
+                StatusCode::BAD_REQUEST,
+                "text/plain",
+                format!("unknown log level {value:?}\n"),
+            );
+        };
+        match name {
+            "wasm" => state.runtime.set_log_level(level),
+            "level" => {
+                state.runtime.set_log_level(level);
+                if let Some(set) = &state.set_log_filter
+                    && let Err(error) = set(level.as_str())
+                {
+                    return text(
+                        StatusCode::INTERNAL_SERVER_ERROR,
+                        "text/plain",
+                        format!("{error}\n"),
+                    );
+                }
+            }
+            other => {
+                return text(
+                    StatusCode::BAD_REQUEST,
+                    "text/plain",
+                    format!("unknown logger {other:?}; use wasm or level\n"),
+                );
+            }
+        }
+    }
+    text(StatusCode::OK, "text/plain", loggers(state))
+}

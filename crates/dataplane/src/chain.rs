@@ -1,0 +1,578 @@
+//! The Proxy-Wasm filter chain of one stream on one worker.
+//!
+//! Request callbacks run in chain order, response callbacks in reverse, as Envoy's decoder and
+//! encoder chains do. Pause from a headers callback holds the stream until the plugin calls
+//! `proxy_continue_stream` (after an `http_call` answers, say); Pause from a body callback buffers,
+//! and the next call sees the accumulated body. A local reply ends the chain.
+
+use std::cell::{Cell, RefCell};
+use std::collections::HashSet;
+use std::rc::Rc;
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::sync::Notify;
+use wasmgate_abi::{Action, HeaderMap, LocalResponse, StreamInfo, StreamType};
+use wasmgate_runtime::{CallOutcome, Runtime, Vm, VmError};
+
+use crate::host::{GatewayHost, SharedEffects};
+use crate::spec::{FailurePolicy, FilterSpec};
+use crate::stats::GatewayStats;
+use crate::upstream::Upstreams;
+
+/// How long a paused stream waits for its plugin to continue before the gateway gives up.
+const PAUSE_DEADLINE: Duration = Duration::from_secs(60);
+
+/// One plugin on one worker: its own VM, as Envoy runs one VM per worker.
+pub(crate) struct Plugin {
+    pub spec: FilterSpec,
+    vm: RefCell<Vm>,
+    root: Cell<u32>,
+    effects: SharedEffects,
+    notify: Notify,
+    upstreams: Rc<Upstreams>,
+    runtime: Arc<Runtime>,
+    clusters: Arc<HashSet<String>>,
+    stats: Arc<GatewayStats>,
+    touches_request_body: bool,
+    touches_response_body: bool,
+}
+
+impl Plugin {
+    pub fn start(
+        spec: FilterSpec,
+        runtime: Arc<Runtime>,
+        clusters: Arc<HashSet<String>>,
+        upstreams: Rc<Upstreams>,
+        stats: Arc<GatewayStats>,
+    ) -> Result<Rc<Self>, VmError> {
+        let (vm, root, effects) = Self::new_vm(&spec, &runtime, &clusters)?;
+        stats.vm_started(&spec.name, 1);
+        let callbacks = &spec.module.info().callbacks;
+        Ok(Rc::new(Self {
+            touches_request_body: callbacks.iter().any(|c| c == "proxy_on_request_body"),
+            touches_response_body: callbacks.iter().any(|c| c == "proxy_on_response_body"),
+            spec,
+            vm: RefCell::new(vm),
+            root: Cell::new(root),
+            effects,
+            notify: Notify::new(),
+            upstreams,
+            runtime,
+            clusters,
+            stats,
+        }))
+    }
+
+    fn new_vm(
+        spec: &FilterSpec,
+        runtime: &Arc<Runtime>,
+        clusters: &Arc<HashSet<String>>,
+    ) -> Result<(Vm, u32, SharedEffects), VmError> {
+        let effects = SharedEffects::default();
+        let host = GatewayHost {
+            effects: effects.clone(),
+            clusters: clusters.clone(),
+            plugin: spec.name.clone(),
+        };
+        let mut vm = Vm::new(runtime, &spec.module, spec.vm.clone(), Box::new(host))?;
+        let root = vm.start_plugin(spec.plugin.clone())?;
+        Ok((vm, root, effects))
+    }
+
+    pub fn failure(&self) -> Option<String> {
+        self.vm.borrow().failure().map(str::to_owned)
+    }
+
+    /// FAIL_RELOAD: a fresh VM for this plugin. Streams still on the old VM have lost their contexts.
+    fn reload(&self) -> bool {
+        match Self::new_vm(&self.spec, &self.runtime, &self.clusters) {
+            Ok((vm, root, effects)) => {
+                *self.vm.borrow_mut() = vm;
+                self.root.set(root);
+                // Keep the host's effect queue: calls in flight on the old VM answer to nobody.
+                *self.effects.lock() = std::mem::take(&mut *effects.lock());
+                tracing::warn!(plugin = %self.spec.name, "reloaded the plugin's VM after a failure");
+                true
+            }
+            Err(error) => {
+                tracing::error!(plugin = %self.spec.name, "reloading the plugin's VM failed: {error}");
+                false
+            }
+        }
+    }
+
+    /// Starts the outbound calls the plugin queued during its last callback.
+    fn dispatch_calls(self: &Rc<Self>) {
+        let calls = std::mem::take(&mut self.effects.lock().http_calls);
+        for (token, call) in calls {
+            let plugin = self.clone();
+            tokio::task::spawn_local(async move {
+                let outcome = plugin.upstreams.http_call(&call).await;
+                if let CallOutcome::Failure { message } = &outcome {
+                    tracing::debug!(plugin = %plugin.spec.name, cluster = %call.upstream, "http_call failed: {message}");
+                }
+                let result = plugin.vm.borrow_mut().on_http_call_response(token, outcome);
+                if let Err(error) = result {
+                    tracing::warn!(plugin = %plugin.spec.name, "delivering an http_call response: {error}");
+                }
+                plugin.dispatch_calls();
+                plugin.notify.notify_waiters();
+            });
+        }
+    }
+}
+
+impl Plugin {
+    pub fn tick_period(&self) -> Option<Duration> {
+        self.vm.borrow().tick_period(self.root.get())
+    }
+
+    pub fn set_queue_waker(&self, waker: Arc<dyn Fn() + Send + Sync>) {
+        self.vm.borrow().set_queue_waker(waker);
+    }
+
+    pub fn tick(self: &Rc<Self>) {
+        if self.failure().is_some() {
+            return;
+        }
+        let result = self.vm.borrow_mut().on_tick(self.root.get());
+        if let Err(error) = result {
+            tracing::warn!(plugin = %self.spec.name, "on_tick: {error}");
+        }
+        self.dispatch_calls();
+        self.notify.notify_waiters();
+    }
+
+    pub fn deliver_queue_ready(self: &Rc<Self>) {
+        if self.failure().is_some() {
+            return;
+        }
+        let result = self.vm.borrow_mut().deliver_queue_ready();
+        if let Err(error) = result {
+            tracing::warn!(plugin = %self.spec.name, "on_queue_ready: {error}");
+        }
+        self.dispatch_calls();
+        self.notify.notify_waiters();
+    }
+}
+
+impl Drop for Plugin {
+    fn drop(&mut self) {
+        self.stats.vm_started(&self.spec.name, -1);
+    }
+}
+
+/// Why a stream stops going through the chain.
+#[derive(Debug)]
+pub(crate) enum Halt {
+    /// A plugin sent a local reply; `from` is its place in the chain.
+    Reply {
+        response: LocalResponse,
+        from: usize,
+    },
+    /// The gateway answers itself (503 for a failed plugin, 413/500 over the buffer limit...).
+    Status { code: u16, details: &'static str },
+}
+
+pub(crate) type Flow<T> = Result<T, Halt>;
+
+struct Stage {
+    plugin: Rc<Plugin>,
+    /// `None` when the plugin is skipped (failed with FAIL_OPEN).
+    context: Option<u32>,
+    /// The body this stage holds back while it pauses from a body callback.
+    held: Option<Vec<u8>>,
+}
+
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Direction {
+    Request,
+    Response,
+}
+
+impl Direction {
+    fn stream(self) -> StreamType {
+        match self {
+            Direction::Request => StreamType::HttpRequest,
+            Direction::Response => StreamType::HttpResponse,
+        }
+    }
+}
+
+pub(crate) struct Chain {
+    stages: Vec<Stage>,
+    buffer_limit: usize,
+}
+
+impl Chain {
+    /// Creates a stream context in every plugin of the chain.
+    pub fn new(plugins: &[Rc<Plugin>], info: &StreamInfo, buffer_limit: usize) -> Flow<Self> {
+        let mut stages = Vec::with_capacity(plugins.len());
+        for plugin in plugins {
+            let context = Self::open(plugin, info)?;
+            stages.push(Stage {
+                plugin: plugin.clone(),
+                context,
+                held: None,
+            });
+        }
+        Ok(Self {
+            stages,
+            buffer_limit,
+        })
+    }
+
+    /// A chain with no plugins, left behind when a stream's chain moves to the task that streams
+    /// its response body.
+    pub fn empty() -> Self {
+        Self {
+            stages: Vec::new(),
+            buffer_limit: 0,
+        }
+    }
+
+    fn open(plugin: &Rc<Plugin>, info: &StreamInfo) -> Flow<Option<u32>> {
+        if plugin.failure().is_some() {
+            match plugin.spec.failure_policy {
+                FailurePolicy::FailOpen => return Ok(None),
+                FailurePolicy::FailClosed => {
+                    return Err(Halt::Status {
+                        code: 503,
+                        details: "wasm_fail_stream",
+                    });
+                }
+                FailurePolicy::FailReload => {
+                    if !plugin.reload() {
+                        return Err(Halt::Status {
+                            code: 503,
+                            details: "wasm_fail_stream",
+                        });
+                    }
+                }
+            }
+        }
+        let mut vm = plugin.vm.borrow_mut();
+        match vm.create_stream(plugin.root.get()) {
+            Ok(context) => {
+                if let Some(stream) = vm.stream_mut(context) {
+                    stream.info = info.clone();
+                }
+                Ok(Some(context))
+            }
+            Err(error) => {
+                drop(vm);
+                Self::on_error(plugin, &error).map(|()| None)
+            }
+        }
+    }
+
+    fn on_error(plugin: &Plugin, error: &VmError) -> Flow<()> {
+        tracing::warn!(plugin = %plugin.spec.name, "{error}");
+        match plugin.spec.failure_policy {
+            FailurePolicy::FailOpen => Ok(()),
+            _ => Err(Halt::Status {
+                code: 503,
+                details: "wasm_fail_stream",
+            }),
+        }
+    }
+
+    pub fn len(&self) -> usize {
+        self.stages.len()
+    }
+
+    pub fn touches_body(&self, direction: Direction) -> bool {
+        self.stages.iter().any(|s| match direction {
+            Direction::Request => s.plugin.touches_request_body,
+            Direction::Response => s.plugin.touches_response_body,
+        })
+    }
+
+    /// Stage indexes in the order `direction` visits them, starting at `from` (inclusive).
+    fn order(&self, direction: Direction, through: Option<usize>) -> Vec<usize> {
+        match direction {
+            Direction::Request => (0..self.stages.len()).collect(),
+            Direction::Response => (0..=through.unwrap_or(self.stages.len().wrapping_sub(1)))
+                .rev()
+                .filter(|i| *i < self.stages.len())
+                .collect(),
+        }
+    }
+
+    /// Runs one callback, then applies what the plugin asked for meanwhile.
+    fn call(
+        &mut self,
+        index: usize,
+        direction: Direction,
+        callback: impl FnOnce(&mut Vm, u32) -> Result<Action, VmError>,
+    ) -> Flow<Action> {
+        let stage = &mut self.stages[index];
+        let Some(context) = stage.context else {
+            return Ok(Action::Continue);
+        };
+        let plugin = stage.plugin.clone();
+        let result = callback(&mut plugin.vm.borrow_mut(), context);
+        plugin.dispatch_calls();
+        let action = match result {
+            Ok(action) => action,
+            Err(error) => {
+                Self::on_error(&plugin, &error)?;
+                stage.context = None;
+                return Ok(Action::Continue);
+            }
+        };
+        let mut effects = plugin.effects.lock();
+        if let Some(response) = effects.local_replies.remove(&context) {
+            return Err(Halt::Reply {
+                response,
+                from: index,
+            });
+        }
+        if action.is_continue() {
+            // A continue given while the stream was not paused means nothing later.
+            effects.continued.remove(&(context, direction.stream()));
+        }
+        Ok(action)
+    }
+
+    /// Waits until the plugin at `index` continues the paused stream, replies, or fails.
+    async fn wait(&mut self, index: usize, direction: Direction) -> Flow<()> {
+        let stage = &self.stages[index];
+        let Some(context) = stage.context else {
+            return Ok(());
+        };
+        let plugin = stage.plugin.clone();
+        let deadline = tokio::time::Instant::now() + PAUSE_DEADLINE;
+        loop {
+            let notified = plugin.notify.notified();
+            tokio::pin!(notified);
+            notified.as_mut().enable();
+            {
+                let mut effects = plugin.effects.lock();
+                if let Some(response) = effects.local_replies.remove(&context) {
+                    return Err(Halt::Reply {
+                        response,
+                        from: index,
+                    });
+                }
+                if effects.continued.remove(&(context, direction.stream())) {
+                    return Ok(());
+                }
+            }
+            if let Some(reason) = plugin.failure() {
+                tracing::warn!(plugin = %plugin.spec.name, "plugin failed while the stream was paused: {reason}");
+                self.stages[index].context = None;
+                return match plugin.spec.failure_policy {
+                    FailurePolicy::FailOpen => Ok(()),
+                    _ => Err(Halt::Status {
+                        code: 503,
+                        details: "wasm_fail_stream",
+                    }),
+                };
+            }
+            if tokio::time::timeout_at(deadline, notified).await.is_err() {
+                tracing::warn!(plugin = %plugin.spec.name, "the plugin paused the stream and never continued it");
+                return Err(Halt::Status {
+                    code: 504,
+                    details: "wasm_pause_timeout",
+                });
+            }
+        }
+    }
+
+    fn vm_stream<R>(
+        &self,
+        index: usize,
+        f: impl FnOnce(&mut wasmgate_runtime::StreamData) -> R,
+    ) -> Option<R> {
+        let stage = &self.stages[index];
+        let context = stage.context?;
+        let mut vm = stage.plugin.vm.borrow_mut();
+        vm.stream_mut(context).map(f)
+    }
+
+    /// Request or response headers through the chain.
+    pub async fn headers(
+        &mut self,
+        direction: Direction,
+        headers: &mut HeaderMap,
+        end_of_stream: bool,
+        through: Option<usize>,
+    ) -> Flow<()> {
+        for index in self.order(direction, through) {
+            let slot = |s: &mut wasmgate_runtime::StreamData| {
+                match direction {
+                    Direction::Request => &mut s.request_headers,
+                    Direction::Response => &mut s.response_headers,
+                }
+                .replace(headers.clone())
+            };
+            if self.vm_stream(index, slot).is_none() {
+                continue;
+            }
+            let action = self.call(index, direction, |vm, ctx| match direction {
+                Direction::Request => vm.on_request_headers(ctx, end_of_stream),
+                Direction::Response => vm.on_response_headers(ctx, end_of_stream),
+            })?;
+            if !action.is_continue() {
+                self.wait(index, direction).await?;
+            }
+            let current = self.vm_stream(index, |s| match direction {
+                Direction::Request => s.request_headers.clone(),
+                Direction::Response => s.response_headers.clone(),
+            });
+            if let Some(Some(current)) = current {
+                *headers = current;
+            }
+        }
+        Ok(())
+    }
+
+    /// A body chunk through the chain. Returns what passes every plugin now; paused plugins hold
+    /// the rest.
+    pub async fn data(
+        &mut self,
+        direction: Direction,
+        chunk: Vec<u8>,
+        end_of_stream: bool,
+        through: Option<usize>,
+    ) -> Flow<Vec<u8>> {
+        let order = self.order(direction, through);
+        self.data_from(direction, &order, chunk, end_of_stream)
+            .await
+    }
+
+    async fn data_from(
+        &mut self,
+        direction: Direction,
+        order: &[usize],
+        mut chunk: Vec<u8>,
+        eos: bool,
+    ) -> Flow<Vec<u8>> {
+        for &index in order {
+            if self.stages[index].context.is_none() {
+                continue;
+            }
+            let held = self.stages[index].held.take();
+            if chunk.is_empty() && !eos && held.is_none() {
+                return Ok(chunk);
+            }
+            let buffering = held.is_some();
+            let mut body = held.unwrap_or_default();
+            body.extend_from_slice(&chunk);
+            // The limit bounds what plugins hold back; a body that streams through is not held.
+            if buffering && body.len() > self.buffer_limit {
+                return Err(Self::over_limit(direction));
+            }
+            let put = |s: &mut wasmgate_runtime::StreamData| match direction {
+                Direction::Request => s.request_body = Some(body),
+                Direction::Response => s.response_body = Some(body),
+            };
+            self.vm_stream(index, put);
+            let action = self.call(index, direction, |vm, ctx| match direction {
+                Direction::Request => vm.on_request_body(ctx, eos),
+                Direction::Response => vm.on_response_body(ctx, eos),
+            })?;
+            if !action.is_continue() && eos {
+                self.wait(index, direction).await?;
+            }
+            let taken = self
+                .vm_stream(index, |s| match direction {
+                    Direction::Request => s.request_body.take(),
+                    Direction::Response => s.response_body.take(),
+                })
+                .flatten()
+                .unwrap_or_default();
+            if !action.is_continue() && !eos {
+                if taken.len() > self.buffer_limit {
+                    return Err(Self::over_limit(direction));
+                }
+                self.stages[index].held = Some(taken);
+                return Ok(Vec::new());
+            }
+            chunk = taken;
+        }
+        Ok(chunk)
+    }
+
+    fn over_limit(direction: Direction) -> Halt {
+        let code = if direction == Direction::Request {
+            413
+        } else {
+            500
+        };
+        Halt::Status {
+            code,
+            details: "buffer_limit_exceeded",
+        }
+    }
+
+    /// Trailers through the chain. Bodies held by plugins are released first, then the trailers;
+    /// returns the body bytes released on the way.
+    pub async fn trailers(
+        &mut self,
+        direction: Direction,
+        trailers: &mut HeaderMap,
+        through: Option<usize>,
+    ) -> Flow<Vec<u8>> {
+        let order = self.order(direction, through);
+        let mut released = Vec::new();
+        for (position, &index) in order.iter().enumerate() {
+            let slot = |s: &mut wasmgate_runtime::StreamData| {
+                match direction {
+                    Direction::Request => &mut s.request_trailers,
+                    Direction::Response => &mut s.response_trailers,
+                }
+                .replace(trailers.clone())
+            };
+            if self.vm_stream(index, slot).is_none() {
+                continue;
+            }
+            let action = self.call(index, direction, |vm, ctx| match direction {
+                Direction::Request => vm.on_request_trailers(ctx),
+                Direction::Response => vm.on_response_trailers(ctx),
+            })?;
+            if !action.is_continue() {
+                self.wait(index, direction).await?;
+            }
+            if let Some(Some(current)) = self.vm_stream(index, |s| match direction {
+                Direction::Request => s.request_trailers.clone(),
+                Direction::Response => s.response_trailers.clone(),
+            }) {
+                *trailers = current;
+            }
+            // A body this plugin held goes on to the plugins after it, before the trailers.
+            if let Some(held) = self.stages[index].held.take() {
+                let rest = &order[position + 1..];
+                let passed = self.data_from(direction, rest, held, false).await?;
+                released.extend(passed);
+            }
+        }
+        Ok(released)
+    }
+
+    /// Ends the stream in every plugin: `on_log`, `on_done`, `on_delete`.
+    pub fn finish(&mut self) {
+        for stage in &mut self.stages {
+            if let Some(context) = stage.context.take() {
+                let result = stage.plugin.vm.borrow_mut().finish_http_stream(context);
+                if let Err(error) = result {
+                    tracing::debug!(plugin = %stage.plugin.spec.name, "finishing a stream: {error}");
+                }
+                stage
+                    .plugin
+                    .effects
+                    .lock()
+                    .continued
+                    .retain(|(c, _)| *c != context);
+            }
+        }
+    }
+}
+
+impl Drop for Chain {
+    fn drop(&mut self) {
+        self.finish();
+    }
+}

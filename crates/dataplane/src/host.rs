@@ -1,0 +1,109 @@
+//! The gateway's side of the ABI: a [`Host`] per VM that records what the plugin asked for. The
+//! filter chain reads these effects after each callback (Envoy too defers them until the VM call
+//! returns), and starts outbound calls.
+
+use std::collections::{HashMap, HashSet};
+use std::sync::Arc;
+
+use parking_lot::Mutex;
+use wasmgate_abi::{
+    GrpcCallRequest, GrpcStreamRequest, Host, HttpCallRequest, LocalResponse, LogRecord, Status,
+    StreamType,
+};
+
+#[derive(Default)]
+pub(crate) struct Effects {
+    pub continued: HashSet<(u32, StreamType)>,
+    pub local_replies: HashMap<u32, LocalResponse>,
+    pub closed: HashSet<u32>,
+    pub http_calls: Vec<(u32, HttpCallRequest)>,
+}
+
+/// Shared between a VM's host and the worker that drives the VM. Both live on one worker thread,
+/// so the lock is never contended; it is there because a `Host` must be `Send`.
+pub(crate) type SharedEffects = Arc<Mutex<Effects>>;
+
+pub(crate) struct GatewayHost {
+    pub effects: SharedEffects,
+    pub clusters: Arc<HashSet<String>>,
+    pub plugin: String,
+}
+
+impl Host for GatewayHost {
+    fn log(&mut self, _record: &LogRecord) {}
+
+    fn http_call(
+        &mut self,
+        _context_id: u32,
+        token: u32,
+        call: HttpCallRequest,
+    ) -> Result<(), Status> {
+        if !self.clusters.contains(&call.upstream) {
+            tracing::debug!(plugin = %self.plugin, cluster = %call.upstream, "http_call to an unknown cluster");
+            return Err(Status::BadArgument);
+        }
+        self.effects.lock().http_calls.push((token, call));
+        Ok(())
+    }
+
+    fn grpc_call(
+        &mut self,
+        _context_id: u32,
+        _token: u32,
+        call: GrpcCallRequest,
+    ) -> Result<(), Status> {
+        tracing::warn!(plugin = %self.plugin, service = %call.service, "gRPC calls from plugins are not supported by this gateway yet");
+        Err(Status::InternalFailure)
+    }
+
+    fn grpc_stream(
+        &mut self,
+        _context_id: u32,
+        _token: u32,
+        call: GrpcStreamRequest,
+    ) -> Result<(), Status> {
+        tracing::warn!(plugin = %self.plugin, service = %call.service, "gRPC streams from plugins are not supported by this gateway yet");
+        Err(Status::InternalFailure)
+    }
+
+    fn grpc_send(&mut self, _token: u32, _message: Vec<u8>, _end_of_stream: bool) -> Status {
+        Status::NotFound
+    }
+
+    fn grpc_cancel(&mut self, _token: u32) -> Status {
+        Status::NotFound
+    }
+
+    fn grpc_close(&mut self, _token: u32) -> Status {
+        Status::NotFound
+    }
+
+    fn continue_stream(&mut self, context_id: u32, stream: StreamType) -> Status {
+        match stream {
+            StreamType::HttpRequest | StreamType::HttpResponse => {
+                self.effects.lock().continued.insert((context_id, stream));
+                Status::Ok
+            }
+            // TCP streams arrive with the network-plugins work.
+            StreamType::Downstream | StreamType::Upstream => Status::BadArgument,
+        }
+    }
+
+    fn close_stream(&mut self, context_id: u32, _stream: StreamType) -> Status {
+        self.effects.lock().closed.insert(context_id);
+        Status::Ok
+    }
+
+    fn send_local_response(&mut self, context_id: u32, response: LocalResponse) -> Status {
+        self.effects
+            .lock()
+            .local_replies
+            .insert(context_id, response);
+        Status::Ok
+    }
+
+    fn clear_route_cache(&mut self, _context_id: u32) -> Status {
+        // Routes are chosen again after the request headers pass the chain, so there is no cache.
+        Status::Ok
+    }
+}

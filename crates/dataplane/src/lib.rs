@@ -1,0 +1,24 @@
+//! The data plane: listeners, routes, clusters, and the Proxy-Wasm filter chain run per worker.
+//!
+//! It serves a ready [`GatewaySpec`]: modules compiled, configuration validated. It never reads
+//! files or manifests; that is the control side's job.
+
+mod admin;
+mod body;
+mod chain;
+mod convert;
+mod host;
+mod proxy;
+mod server;
+mod spec;
+mod stats;
+mod upstream;
+
+pub use admin::{AdminHandle, AdminState, start_admin};
+pub use body::GatewayBody;
+pub use server::{GatewayHandle, StartError, start};
+pub use spec::{
+    ClusterSpec, FailurePolicy, FilterSpec, GatewaySpec, Limits, ListenerSpec, PathMatch,
+    RouteAction, RouteSpec,
+};
+pub use stats::GatewayStats;

@@ -1,0 +1,567 @@
+//! One request through a listener: the filter chain, the route, the upstream, and back.
+
+use std::convert::Infallible;
+use std::rc::Rc;
+use std::sync::Arc;
+use std::time::{Instant, SystemTime};
+
+use bytes::Bytes;
+use http::{Request, Response};
+use http_body::Body;
+use http_body_util::BodyExt;
+use hyper::body::{Frame, Incoming};
+use tokio::sync::mpsc;
+use wasmgate_abi::{HeaderMap, LocalResponse, StreamInfo};
+
+use crate::body::{BoxError, GatewayBody};
+use crate::chain::{Chain, Direction, Flow, Halt, Plugin};
+use crate::convert;
+use crate::spec::{ListenerSpec, RouteAction, RouteSpec};
+use crate::stats::GatewayStats;
+use crate::upstream::{UpstreamError, Upstreams};
+
+pub(crate) struct ListenerState {
+    pub spec: ListenerSpec,
+    pub plugins: Vec<Rc<Plugin>>,
+    pub upstreams: Rc<Upstreams>,
+    pub stats: Arc<GatewayStats>,
+}
+
+pub(crate) struct ConnInfo {
+    pub remote: std::net::SocketAddr,
+    pub local: std::net::SocketAddr,
+    pub id: u64,
+    pub scheme: &'static str,
+}
+
+pub(crate) async fn handle(
+    listener: Rc<ListenerState>,
+    conn: Rc<ConnInfo>,
+    request: Request<Incoming>,
+) -> Result<Response<GatewayBody>, Infallible> {
+    let started = Instant::now();
+    let response = proxy(&listener, &conn, request).await;
+    listener
+        .stats
+        .record_response(response.status().as_u16(), started.elapsed());
+    Ok(response)
+}
+
+fn route<'a>(spec: &'a ListenerSpec, headers: &HeaderMap) -> Option<&'a RouteSpec> {
+    let host = headers.get_str(":authority").unwrap_or("");
+    let path = headers.get_str(":path").unwrap_or("/");
+    spec.routes.iter().find(|r| r.matches(host, path))
+}
+
+async fn proxy(
+    listener: &ListenerState,
+    conn: &ConnInfo,
+    request: Request<Incoming>,
+) -> Response<GatewayBody> {
+    let (parts, mut body) = request.into_parts();
+    let mut headers = convert::request_map(&parts, conn.scheme);
+    let initial_route = route(&listener.spec, &headers);
+    let info = StreamInfo {
+        source: Some(conn.remote),
+        destination: Some(conn.local),
+        connection_id: Some(conn.id),
+        protocol: Some(
+            match parts.version {
+                http::Version::HTTP_2 => "HTTP/2",
+                http::Version::HTTP_10 => "HTTP/1.0",
+                _ => "HTTP/1.1",
+            }
+            .into(),
+        ),
+        start_time: Some(SystemTime::now()),
+        listener_name: Some(listener.spec.name.clone()),
+        route_name: initial_route.map(|r| r.name.clone()),
+        cluster_name: initial_route.and_then(|r| match &r.action {
+            RouteAction::Cluster(name) => Some(name.clone()),
+            RouteAction::DirectResponse { .. } => None,
+        }),
+        ..Default::default()
+    };
+    let mut chain = match Chain::new(
+        &listener.plugins,
+        &info,
+        listener.spec.limits.per_stream_buffer_limit,
+    ) {
+        Ok(chain) => chain,
+        Err(halt) => return gateway_status(halt),
+    };
+    match forward(listener, &mut chain, &mut headers, &mut body).await {
+        Ok(Forwarded::Upstream(response)) => respond(&mut chain, response).await,
+        Ok(Forwarded::Direct(map, bytes)) => finish_direct(chain, map, bytes).await,
+        Err(halt) => reply(&mut chain, halt).await,
+    }
+}
+
+enum Forwarded {
+    Upstream(Response<Incoming>),
+    /// A response made here (direct-response route, 404, upstream failure) that still passes the
+    /// plugins' response callbacks.
+    Direct(HeaderMap, Vec<u8>),
+}
+
+/// The request path: headers, body and trailers through the chain, then to the route's cluster.
+async fn forward(
+    listener: &ListenerState,
+    chain: &mut Chain,
+    headers: &mut HeaderMap,
+    body: &mut Incoming,
+) -> Flow<Forwarded> {
+    let end_after_headers = body.is_end_stream();
+    chain
+        .headers(Direction::Request, headers, end_after_headers, None)
+        .await?;
+    // Routes are chosen on the headers as the plugins left them.
+    let Some(route) = route(&listener.spec, headers) else {
+        return Ok(Forwarded::Direct(status_map(404, false), Vec::new()));
+    };
+    let cluster = match &route.action {
+        RouteAction::DirectResponse { status, body } => {
+            return Ok(Forwarded::Direct(
+                status_map(*status, !body.is_empty()),
+                body.clone().into_bytes(),
+            ));
+        }
+        RouteAction::Cluster(cluster) => cluster.clone(),
+    };
+    let timeout = route
+        .timeout
+        .or_else(|| listener.upstreams.timeout(&cluster));
+    let mut upstream = Upstream::default();
+    let keep_length = !chain.touches_body(Direction::Request);
+    if end_after_headers {
+        upstream.start(
+            listener,
+            &cluster,
+            headers,
+            timeout,
+            Some(0),
+            keep_length,
+            true,
+        );
+    } else {
+        loop {
+            let Some(frame) = body.frame().await else {
+                let out = chain
+                    .data(Direction::Request, Vec::new(), true, None)
+                    .await?;
+                upstream.start(
+                    listener,
+                    &cluster,
+                    headers,
+                    timeout,
+                    Some(out.len()),
+                    keep_length,
+                    false,
+                );
+                upstream.send(Frame::data(Bytes::from(out))).await;
+                break;
+            };
+            let frame = match frame {
+                Ok(frame) => frame,
+                Err(error) => {
+                    tracing::debug!("reading the request body: {error}");
+                    return Err(Halt::Status {
+                        code: 400,
+                        details: "downstream_body_error",
+                    });
+                }
+            };
+            match frame.into_data() {
+                Ok(data) => {
+                    let eos = body.is_end_stream();
+                    let out = chain
+                        .data(Direction::Request, data.to_vec(), eos, None)
+                        .await?;
+                    if !out.is_empty() || eos {
+                        let known = eos.then_some(out.len());
+                        upstream.start(
+                            listener,
+                            &cluster,
+                            headers,
+                            timeout,
+                            known,
+                            keep_length,
+                            false,
+                        );
+                        if !out.is_empty() {
+                            upstream.send(Frame::data(Bytes::from(out))).await;
+                        }
+                    }
+                    if eos {
+                        break;
+                    }
+                }
+                Err(frame) => {
+                    if let Ok(trailers) = frame.into_trailers() {
+                        let mut map = convert::plain_map(&trailers);
+                        let released = chain.trailers(Direction::Request, &mut map, None).await?;
+                        upstream.start(
+                            listener,
+                            &cluster,
+                            headers,
+                            timeout,
+                            None,
+                            keep_length,
+                            false,
+                        );
+                        if !released.is_empty() {
+                            upstream.send(Frame::data(Bytes::from(released))).await;
+                        }
+                        let mut out = http::HeaderMap::new();
+                        convert::fill_headers(&map, &mut out);
+                        upstream.send(Frame::trailers(out)).await;
+                        break;
+                    }
+                }
+            }
+        }
+    }
+    match upstream.finish().await {
+        Ok(response) => Ok(Forwarded::Upstream(response)),
+        Err(error) => {
+            tracing::debug!(cluster, "{error}");
+            let text = match &error {
+                UpstreamError::Timeout => "upstream request timeout".to_owned(),
+                UpstreamError::Connect(_) => {
+                    "upstream connect error or disconnect/reset before headers. reset reason: connection failure".to_owned()
+                }
+                other => other.to_string(),
+            };
+            let mut map = status_map(error.status(), true);
+            map.replace("content-length", text.len().to_string());
+            Ok(Forwarded::Direct(map, text.into_bytes()))
+        }
+    }
+}
+
+type UpstreamTask = tokio::task::JoinHandle<Result<Response<Incoming>, UpstreamError>>;
+
+/// The upstream request, started once the head and the first body bytes have passed the chain.
+#[derive(Default)]
+struct Upstream {
+    sender: Option<mpsc::Sender<Result<Frame<Bytes>, BoxError>>>,
+    task: Option<UpstreamTask>,
+    error: Option<UpstreamError>,
+}
+
+impl Upstream {
+    #[allow(clippy::too_many_arguments)]
+    fn start(
+        &mut self,
+        listener: &ListenerState,
+        cluster: &str,
+        headers: &HeaderMap,
+        timeout: Option<std::time::Duration>,
+        known_length: Option<usize>,
+        keep_length: bool,
+        no_body: bool,
+    ) {
+        if self.task.is_some() || self.error.is_some() {
+            return;
+        }
+        let mut map = headers.clone();
+        match known_length {
+            // The whole body is known: its real length, whatever the plugins did to it.
+            Some(0) if no_body => {}
+            Some(length) => map.replace("content-length", length.to_string()),
+            None if !keep_length => map.remove("content-length"),
+            None => {}
+        }
+        if map.get("x-forwarded-proto").is_none() {
+            let scheme = map.get_str(":scheme").unwrap_or("http").to_owned();
+            map.add("x-forwarded-proto", scheme);
+        }
+        let body = if no_body || known_length == Some(0) {
+            GatewayBody::empty()
+        } else {
+            let (sender, body) = GatewayBody::channel();
+            self.sender = Some(sender);
+            body
+        };
+        let request = match convert::request_from_map(&map, body) {
+            Ok(request) => request,
+            Err(error) => {
+                self.error = Some(UpstreamError::BadRequest(error));
+                return;
+            }
+        };
+        let upstreams = listener.upstreams.clone();
+        let cluster = cluster.to_owned();
+        self.task = Some(tokio::task::spawn_local(async move {
+            upstreams.send(&cluster, request, timeout).await
+        }));
+    }
+
+    async fn send(&mut self, frame: Frame<Bytes>) {
+        if let Some(sender) = &self.sender
+            && sender.send(Ok(frame)).await.is_err()
+        {
+            // The upstream stopped reading (failed or answered early); its result says why.
+            self.sender = None;
+        }
+    }
+
+    async fn finish(mut self) -> Result<Response<Incoming>, UpstreamError> {
+        self.sender = None;
+        if let Some(error) = self.error {
+            return Err(error);
+        }
+        match self.task.take() {
+            Some(task) => task
+                .await
+                .unwrap_or_else(|e| Err(UpstreamError::Other(e.to_string()))),
+            None => Err(UpstreamError::Other(
+                "the request never reached the upstream".into(),
+            )),
+        }
+    }
+}
+
+fn status_map(status: u16, text_body: bool) -> HeaderMap {
+    let mut map = HeaderMap::new();
+    map.add(":status", status.to_string());
+    if text_body {
+        map.add("content-type", "text/plain");
+    }
+    map
+}
+
+/// The response path for an upstream response: headers through the chain, then the body streamed
+/// through it. The head goes out once the first body bytes pass (or the body ends), so a body the
+/// plugins rewrote as a whole gets its true content-length.
+async fn respond(chain: &mut Chain, response: Response<Incoming>) -> Response<GatewayBody> {
+    let (parts, mut body) = response.into_parts();
+    let mut map = convert::response_map(&parts);
+    let eos = body.is_end_stream();
+    if let Err(halt) = chain
+        .headers(Direction::Response, &mut map, eos, None)
+        .await
+    {
+        return response_halt(halt);
+    }
+    if eos {
+        return convert::response_from_map(&map, GatewayBody::empty());
+    }
+    let touches = chain.touches_body(Direction::Response);
+    let mut pump = Pump {
+        first: Vec::new(),
+        trailers: None,
+        finished: false,
+    };
+    if let Err(halt) = pump.step(chain, &mut body).await {
+        return response_halt(halt);
+    }
+    if pump.finished && pump.trailers.is_none() {
+        map.replace("content-length", pump.first.len().to_string());
+        return convert::response_from_map(
+            &map,
+            GatewayBody::full(std::mem::take(&mut pump.first)),
+        );
+    }
+    if touches {
+        map.remove("content-length");
+    }
+    let (sender, out) = GatewayBody::channel();
+    let first = std::mem::take(&mut pump.first);
+    let trailers = pump.trailers.take();
+    let finished = pump.finished;
+    let moved = std::mem::replace(chain, Chain::empty());
+    tokio::task::spawn_local(stream_rest(moved, body, sender, first, trailers, finished));
+    convert::response_from_map(&map, out)
+}
+
+struct Pump {
+    first: Vec<u8>,
+    trailers: Option<HeaderMap>,
+    finished: bool,
+}
+
+impl Pump {
+    /// Pulls upstream frames through the chain until some bytes pass or the body ends.
+    async fn step(&mut self, chain: &mut Chain, body: &mut Incoming) -> Flow<()> {
+        loop {
+            match body.frame().await {
+                None => {
+                    self.first = chain
+                        .data(Direction::Response, Vec::new(), true, None)
+                        .await?;
+                    self.finished = true;
+                    return Ok(());
+                }
+                Some(Err(error)) => {
+                    tracing::debug!("reading the upstream body: {error}");
+                    return Err(Halt::Status {
+                        code: 503,
+                        details: "upstream_reset_after_response_started",
+                    });
+                }
+                Some(Ok(frame)) => match frame.into_data() {
+                    Ok(data) => {
+                        let eos = body.is_end_stream();
+                        let out = chain
+                            .data(Direction::Response, data.to_vec(), eos, None)
+                            .await?;
+                        if eos || !out.is_empty() {
+                            self.first = out;
+                            self.finished = eos;
+                            return Ok(());
+                        }
+                    }
+                    Err(frame) => {
+                        if let Ok(trailers) = frame.into_trailers() {
+                            let mut map = convert::plain_map(&trailers);
+                            self.first =
+                                chain.trailers(Direction::Response, &mut map, None).await?;
+                            self.trailers = Some(map);
+                            self.finished = true;
+                            return Ok(());
+                        }
+                    }
+                },
+            }
+        }
+    }
+}
+
+type Sender = mpsc::Sender<Result<Frame<Bytes>, BoxError>>;
+
+async fn stream_rest(
+    mut chain: Chain,
+    mut body: Incoming,
+    sender: Sender,
+    first: Vec<u8>,
+    trailers: Option<HeaderMap>,
+    mut finished: bool,
+) {
+    let mut pending = (first, trailers);
+    loop {
+        let (data, trailers) = std::mem::take(&mut pending);
+        if !data.is_empty()
+            && sender
+                .send(Ok(Frame::data(Bytes::from(data))))
+                .await
+                .is_err()
+        {
+            return; // The client went away; dropping the chain ends the stream in the plugins.
+        }
+        if let Some(map) = trailers {
+            let mut out = http::HeaderMap::new();
+            convert::fill_headers(&map, &mut out);
+            let _ = sender.send(Ok(Frame::trailers(out))).await;
+        }
+        if finished {
+            return;
+        }
+        let mut pump = Pump {
+            first: Vec::new(),
+            trailers: None,
+            finished: false,
+        };
+        match pump.step(&mut chain, &mut body).await {
+            Ok(()) => {
+                pending = (pump.first, pump.trailers);
+                finished = pump.finished;
+            }
+            Err(halt) => {
+                // The head is already out: all that is left is to abort the body.
+                let _ = sender
+                    .send(Err(format!("stream aborted: {halt:?}").into()))
+                    .await;
+                return;
+            }
+        }
+    }
+}
+
+/// A reply made by the gateway or a plugin during the request path. A plugin's local reply passes
+/// the response callbacks of the plugins up to the one that sent it, as in Envoy.
+async fn reply(chain: &mut Chain, halt: Halt) -> Response<GatewayBody> {
+    match halt {
+        Halt::Reply { response, from } => {
+            let (map, body) = local_reply_parts(&response);
+            run_through(chain, map, body, Some(from)).await
+        }
+        other => gateway_status(other),
+    }
+}
+
+async fn finish_direct(mut chain: Chain, map: HeaderMap, body: Vec<u8>) -> Response<GatewayBody> {
+    let through = chain.len().checked_sub(1);
+    run_through(&mut chain, map, body, through).await
+}
+
+/// A whole response (headers and body known) through the response callbacks of `through` and the
+/// plugins before it. A second local reply from there is sent as it is.
+async fn run_through(
+    chain: &mut Chain,
+    mut map: HeaderMap,
+    body: Vec<u8>,
+    through: Option<usize>,
+) -> Response<GatewayBody> {
+    if through.is_none() {
+        map.replace("content-length", body.len().to_string());
+        return convert::response_from_map(&map, GatewayBody::full(body));
+    }
+    let eos = body.is_empty();
+    if let Err(halt) = chain
+        .headers(Direction::Response, &mut map, eos, through)
+        .await
+    {
+        return response_halt(halt);
+    }
+    let out = if eos {
+        body
+    } else {
+        match chain.data(Direction::Response, body, true, through).await {
+            Ok(out) => out,
+            Err(halt) => return response_halt(halt),
+        }
+    };
+    map.replace("content-length", out.len().to_string());
+    convert::response_from_map(&map, GatewayBody::full(out))
+}
+
+/// A halt on the response path: a plugin's reply replaces the response as it is.
+fn response_halt(halt: Halt) -> Response<GatewayBody> {
+    match halt {
+        Halt::Reply { response, .. } => {
+            let (mut map, body) = local_reply_parts(&response);
+            map.replace("content-length", body.len().to_string());
+            convert::response_from_map(&map, GatewayBody::full(body))
+        }
+        other => gateway_status(other),
+    }
+}
+
+fn local_reply_parts(response: &LocalResponse) -> (HeaderMap, Vec<u8>) {
+    let mut map = HeaderMap::new();
+    map.add(":status", response.status_code.to_string());
+    for (name, value) in response.headers.iter() {
+        map.add(name, value);
+    }
+    if !response.body.is_empty() && map.get("content-type").is_none() {
+        map.add("content-type", "text/plain");
+    }
+    (map, response.body.clone())
+}
+
+fn gateway_status(halt: Halt) -> Response<GatewayBody> {
+    let (code, details) = match halt {
+        Halt::Status { code, details } => (code, details),
+        Halt::Reply { response, .. } => return response_halt(Halt::Reply { response, from: 0 }),
+    };
+    let body = match code {
+        413 => "Payload Too Large".to_owned(),
+        400 => "Bad Request".to_owned(),
+        503 if details == "wasm_fail_stream" => String::new(),
+        _ => details.replace('_', " "),
+    };
+    let mut map = status_map(code, !body.is_empty());
+    map.replace("content-length", body.len().to_string());
+    convert::response_from_map(&map, GatewayBody::full(body))
+}

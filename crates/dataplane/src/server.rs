@@ -1,0 +1,329 @@
+//! Workers and listeners. Each worker is a thread with a current-thread tokio runtime that owns a
+//! VM per plugin, so a request's contexts live on one thread and the hot path takes no lock. All
+//! workers accept on the same listening sockets; the kernel spreads connections among them.
+
+use std::collections::HashSet;
+use std::future::Future;
+use std::net::SocketAddr;
+use std::rc::Rc;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+
+use hyper::service::service_fn;
+use hyper_util::rt::{TokioIo, TokioTimer};
+use hyper_util::server::conn::auto;
+use hyper_util::server::graceful::GracefulShutdown;
+use tokio::sync::{Notify, watch};
+use wasmgate_runtime::{Runtime, VmError};
+
+use crate::chain::Plugin;
+use crate::proxy::{ConnInfo, ListenerState, handle};
+use crate::spec::GatewaySpec;
+use crate::stats::GatewayStats;
+use crate::upstream::Upstreams;
+
+/// How long a graceful shutdown waits for requests in flight.
+const DRAIN_TIMEOUT: Duration = Duration::from_secs(30);
+
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    #[error("listeners[{index}] ({name}): cannot listen on {address}: {source}")]
+    Bind {
+        index: usize,
+        name: String,
+        address: SocketAddr,
+        source: std::io::Error,
+    },
+    #[error("listener {listener}: plugin {plugin} did not start: {error}")]
+    Plugin {
+        listener: String,
+        plugin: String,
+        error: Box<VmError>,
+    },
+    #[error("starting worker threads: {0}")]
+    Worker(String),
+}
+
+/// A running gateway. Dropping it without [`GatewayHandle::shutdown`] leaves the workers running.
+pub struct GatewayHandle {
+    listeners: Vec<(String, SocketAddr)>,
+    pub stats: Arc<GatewayStats>,
+    shutdown: watch::Sender<bool>,
+    workers: Vec<std::thread::JoinHandle<()>>,
+}
+
+impl GatewayHandle {
+    /// The bound address of a listener (useful with port 0).
+    pub fn address(&self, listener: &str) -> Option<SocketAddr> {
+        self.listeners
+            .iter()
+            .find(|(name, _)| name == listener)
+            .map(|(_, a)| *a)
+    }
+
+    pub fn addresses(&self) -> &[(String, SocketAddr)] {
+        &self.listeners
+    }
+
+    /// Stops accepting, lets requests in flight finish (up to 30 s), and joins the workers.
+    pub fn shutdown(self) {
+        let _ = self.shutdown.send(true);
+        for worker in self.workers {
+            let _ = worker.join();
+        }
+    }
+}
+
+/// Binds every listener and starts the workers; returns once every worker has its plugins running.
+pub fn start(
+    runtime: Arc<Runtime>,
+    spec: GatewaySpec,
+    stats: Arc<GatewayStats>,
+) -> Result<GatewayHandle, StartError> {
+    let mut sockets = Vec::new();
+    let mut listeners = Vec::new();
+    for (index, listener) in spec.listeners.iter().enumerate() {
+        let bind_error = |source| StartError::Bind {
+            index,
+            name: listener.name.clone(),
+            address: listener.address,
+            source,
+        };
+        let socket = std::net::TcpListener::bind(listener.address).map_err(bind_error)?;
+        socket.set_nonblocking(true).map_err(bind_error)?;
+        listeners.push((
+            listener.name.clone(),
+            socket.local_addr().map_err(bind_error)?,
+        ));
+        sockets.push(socket);
+    }
+    let (shutdown, shutdown_rx) = watch::channel(false);
+    let (ready_tx, ready_rx) = std::sync::mpsc::channel::<Result<(), StartError>>();
+    let connection_ids = Arc::new(AtomicU64::new(0));
+    let mut workers = Vec::new();
+    for worker in 0..spec.workers.max(1) {
+        let sockets = sockets
+            .iter()
+            .map(|s| s.try_clone())
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(|e| StartError::Worker(e.to_string()))?;
+        let (runtime, spec, stats, ready, shutdown, ids) = (
+            runtime.clone(),
+            spec.clone(),
+            stats.clone(),
+            ready_tx.clone(),
+            shutdown_rx.clone(),
+            connection_ids.clone(),
+        );
+        let thread = std::thread::Builder::new()
+            .name(format!("wasmgate-worker-{worker}"))
+            .spawn(move || run_worker(runtime, spec, sockets, stats, ready, shutdown, ids))
+            .map_err(|e| StartError::Worker(e.to_string()))?;
+        workers.push(thread);
+    }
+    drop(ready_tx);
+    let handle = GatewayHandle {
+        listeners,
+        stats,
+        shutdown,
+        workers,
+    };
+    for _ in 0..handle.workers.len() {
+        match ready_rx.recv() {
+            Ok(Ok(())) => {}
+            Ok(Err(error)) => {
+                handle.shutdown();
+                return Err(error);
+            }
+            Err(_) => {
+                handle.shutdown();
+                return Err(StartError::Worker("a worker exited during start-up".into()));
+            }
+        }
+    }
+    Ok(handle)
+}
+
+/// Runs futures that are not `Send` (they touch the worker's VMs) on the worker's own thread.
+#[derive(Clone, Copy)]
+struct LocalExec;
+
+impl<F> hyper::rt::Executor<F> for LocalExec
+where
+    F: Future + 'static,
+{
+    fn execute(&self, future: F) {
+        tokio::task::spawn_local(future);
+    }
+}
+
+fn run_worker(
+    runtime: Arc<Runtime>,
+    spec: GatewaySpec,
+    sockets: Vec<std::net::TcpListener>,
+    stats: Arc<GatewayStats>,
+    ready: std::sync::mpsc::Sender<Result<(), StartError>>,
+    shutdown: watch::Receiver<bool>,
+    connection_ids: Arc<AtomicU64>,
+) {
+    let tokio = match tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(tokio) => tokio,
+        Err(error) => {
+            let _ = ready.send(Err(StartError::Worker(error.to_string())));
+            return;
+        }
+    };
+    let local = tokio::task::LocalSet::new();
+    local.block_on(&tokio, async move {
+        let upstreams = Rc::new(Upstreams::new(&spec.clusters));
+        let clusters: Arc<HashSet<String>> =
+            Arc::new(spec.clusters.iter().map(|c| c.name.clone()).collect());
+        let mut states = Vec::new();
+        for (listener, socket) in spec.listeners.iter().zip(sockets) {
+            let mut plugins = Vec::new();
+            for filter in &listener.filters {
+                match Plugin::start(
+                    filter.clone(),
+                    runtime.clone(),
+                    clusters.clone(),
+                    upstreams.clone(),
+                    stats.clone(),
+                ) {
+                    Ok(plugin) => plugins.push(plugin),
+                    Err(error) => {
+                        let _ = ready.send(Err(StartError::Plugin {
+                            listener: listener.name.clone(),
+                            plugin: filter.name.clone(),
+                            error: Box::new(error),
+                        }));
+                        return;
+                    }
+                }
+            }
+            let socket = match tokio::net::TcpListener::from_std(socket) {
+                Ok(socket) => socket,
+                Err(error) => {
+                    let _ = ready.send(Err(StartError::Worker(error.to_string())));
+                    return;
+                }
+            };
+            let state = Rc::new(ListenerState {
+                spec: listener.clone(),
+                plugins,
+                upstreams: upstreams.clone(),
+                stats: stats.clone(),
+            });
+            states.push((state, socket));
+        }
+        let _ = ready.send(Ok(()));
+        let graceful = Rc::new(GracefulShutdown::new());
+        let mut loops = Vec::new();
+        for (state, socket) in states {
+            for plugin in &state.plugins {
+                tokio::task::spawn_local(plugin_timers(plugin.clone(), shutdown.clone()));
+            }
+            loops.push(tokio::task::spawn_local(accept_loop(
+                state,
+                socket,
+                graceful.clone(),
+                shutdown.clone(),
+                connection_ids.clone(),
+            )));
+        }
+        for accept in loops {
+            let _ = accept.await;
+        }
+        if let Ok(graceful) = Rc::try_unwrap(graceful)
+            && tokio::time::timeout(DRAIN_TIMEOUT, graceful.shutdown())
+                .await
+                .is_err()
+        {
+            tracing::warn!(
+                "requests still in flight after {DRAIN_TIMEOUT:?}; closing their connections"
+            );
+        }
+    });
+}
+
+async fn accept_loop(
+    state: Rc<ListenerState>,
+    socket: tokio::net::TcpListener,
+    graceful: Rc<GracefulShutdown>,
+    mut shutdown: watch::Receiver<bool>,
+    connection_ids: Arc<AtomicU64>,
+) {
+    let limits = &state.spec.limits;
+    let mut builder = auto::Builder::new(LocalExec);
+    builder
+        .http1()
+        .timer(TokioTimer::new())
+        .header_read_timeout(limits.header_read_timeout)
+        .max_buf_size(limits.max_request_headers_bytes.max(8192))
+        .max_headers(limits.max_headers_count);
+    builder
+        .http2()
+        .timer(TokioTimer::new())
+        .max_header_list_size(limits.max_request_headers_bytes as u32);
+    loop {
+        let accepted = tokio::select! {
+            accepted = socket.accept() => accepted,
+            _ = shutdown.changed() => break,
+        };
+        let (stream, remote) = match accepted {
+            Ok(accepted) => accepted,
+            Err(error) => {
+                tracing::warn!(listener = %state.spec.name, "accept failed: {error}");
+                tokio::time::sleep(Duration::from_millis(10)).await;
+                continue;
+            }
+        };
+        let _ = stream.set_nodelay(true);
+        let local = stream.local_addr().unwrap_or(state.spec.address);
+        let conn = Rc::new(ConnInfo {
+            remote,
+            local,
+            id: connection_ids.fetch_add(1, Ordering::Relaxed) + 1,
+            scheme: "http",
+        });
+        let service_state = state.clone();
+        let service =
+            service_fn(move |request| handle(service_state.clone(), conn.clone(), request));
+        let connection = graceful.watch(
+            builder
+                .serve_connection(TokioIo::new(stream), service)
+                .into_owned(),
+        );
+        let stats = state.stats.clone();
+        tokio::task::spawn_local(async move {
+            stats.active_connections.fetch_add(1, Ordering::Relaxed);
+            if let Err(error) = connection.await {
+                tracing::debug!("connection ended with an error: {error}");
+            }
+            stats.active_connections.fetch_sub(1, Ordering::Relaxed);
+        });
+    }
+}
+
+/// Ticks and queue deliveries for one plugin on this worker.
+async fn plugin_timers(plugin: Rc<Plugin>, mut shutdown: watch::Receiver<bool>) {
+    let queue_ready = Arc::new(Notify::new());
+    let waker = queue_ready.clone();
+    plugin.set_queue_waker(Arc::new(move || waker.notify_one()));
+    loop {
+        let period = plugin.tick_period();
+        let wait = period.unwrap_or(Duration::from_millis(250));
+        tokio::select! {
+            _ = tokio::time::sleep(wait) => {
+                if period.is_some() {
+                    plugin.tick();
+                }
+            }
+            _ = queue_ready.notified() => plugin.deliver_queue_ready(),
+            _ = shutdown.changed() => return,
+        }
+    }
+}

@@ -1,0 +1,167 @@
+//! What the data plane serves: a ready snapshot built by the control side (parsed, validated,
+//! modules compiled). The data plane never reads files or manifests itself.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use regex::Regex;
+use wasmgate_runtime::{CompiledModule, PluginConfig, VmConfig};
+
+#[derive(Clone)]
+pub struct GatewaySpec {
+    /// Worker threads; each runs its own VM per plugin.
+    pub workers: usize,
+    pub listeners: Vec<ListenerSpec>,
+    pub clusters: Vec<ClusterSpec>,
+}
+
+#[derive(Clone)]
+pub struct ListenerSpec {
+    pub name: String,
+    pub address: SocketAddr,
+    pub routes: Vec<RouteSpec>,
+    /// The filter chain: request callbacks run in this order, response callbacks in reverse.
+    pub filters: Vec<FilterSpec>,
+    pub limits: Limits,
+}
+
+#[derive(Debug, Clone)]
+pub struct Limits {
+    pub max_request_headers_bytes: usize,
+    pub max_headers_count: usize,
+    pub header_read_timeout: Duration,
+    pub idle_timeout: Duration,
+    /// Most bytes a paused plugin may buffer per stream and direction (413 / 500 beyond).
+    pub per_stream_buffer_limit: usize,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Self {
+            max_request_headers_bytes: 60 * 1024,
+            max_headers_count: 100,
+            header_read_timeout: Duration::from_secs(10),
+            idle_timeout: Duration::from_secs(300),
+            per_stream_buffer_limit: 1 << 20,
+        }
+    }
+}
+
+/// What a plugin does when its VM has failed (trapped).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum FailurePolicy {
+    /// Answer 503 to the traffic the plugin would have seen (Envoy's default).
+    #[default]
+    FailClosed,
+    /// Skip the plugin.
+    FailOpen,
+    /// Build a fresh VM for later requests.
+    FailReload,
+}
+
+#[derive(Clone)]
+pub struct FilterSpec {
+    pub name: String,
+    pub module: Arc<CompiledModule>,
+    pub vm: VmConfig,
+    pub plugin: PluginConfig,
+    pub failure_policy: FailurePolicy,
+}
+
+#[derive(Clone)]
+pub struct RouteSpec {
+    pub name: String,
+    /// Host names matched against `:authority` (port ignored); `*.example.com` and `*` allowed.
+    /// Empty matches any host.
+    pub domains: Vec<String>,
+    pub path: PathMatch,
+    pub action: RouteAction,
+    pub timeout: Option<Duration>,
+}
+
+#[derive(Clone)]
+pub enum PathMatch {
+    Prefix(String),
+    Exact(String),
+    Regex(Regex),
+}
+
+#[derive(Clone)]
+pub enum RouteAction {
+    Cluster(String),
+    DirectResponse { status: u16, body: String },
+}
+
+#[derive(Debug, Clone)]
+pub struct ClusterSpec {
+    pub name: String,
+    /// `host:port`, IP or DNS name.
+    pub endpoints: Vec<String>,
+    pub connect_timeout: Duration,
+    /// `None`: no timeout.
+    pub request_timeout: Option<Duration>,
+    pub http2: bool,
+}
+
+impl RouteSpec {
+    pub(crate) fn matches(&self, host: &str, path: &str) -> bool {
+        let path = path.split('?').next().unwrap_or("");
+        let path_ok = match &self.path {
+            PathMatch::Prefix(prefix) => path.starts_with(prefix.as_str()),
+            PathMatch::Exact(exact) => path == exact,
+            PathMatch::Regex(regex) => regex.is_match(path),
+        };
+        path_ok && (self.domains.is_empty() || self.domains.iter().any(|d| domain_matches(d, host)))
+    }
+}
+
+fn domain_matches(pattern: &str, host: &str) -> bool {
+    let host = host
+        .rsplit_once(':')
+        .filter(|(_, port)| port.chars().all(|c| c.is_ascii_digit()))
+        .map_or(host, |(h, _)| h);
+    if pattern == "*" {
+        return true;
+    }
+    match pattern.strip_prefix('*') {
+        Some(suffix) => {
+            host.len() > suffix.len()
+                && host
+                    .to_ascii_lowercase()
+                    .ends_with(&suffix.to_ascii_lowercase())
+        }
+        None => pattern.eq_ignore_ascii_case(host),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn route(path: PathMatch, domains: &[&str]) -> RouteSpec {
+        RouteSpec {
+            name: "r".into(),
+            domains: domains.iter().map(|d| d.to_string()).collect(),
+            path,
+            action: RouteAction::Cluster("c".into()),
+            timeout: None,
+        }
+    }
+
+    #[test]
+    fn route_matching() {
+        assert!(route(PathMatch::Prefix("/api".into()), &[]).matches("x", "/api/v1?q"));
+        assert!(!route(PathMatch::Prefix("/api".into()), &[]).matches("x", "/ap"));
+        assert!(route(PathMatch::Exact("/a".into()), &[]).matches("x", "/a?b=1"));
+        assert!(!route(PathMatch::Exact("/a".into()), &[]).matches("x", "/a/"));
+        assert!(
+            route(PathMatch::Regex(Regex::new("^/v[0-9]+/").unwrap()), &[]).matches("x", "/v2/x")
+        );
+        let hosts = route(PathMatch::Prefix("/".into()), &["example.com", "*.test.io"]);
+        assert!(hosts.matches("example.com:8080", "/"));
+        assert!(hosts.matches("a.test.io", "/"));
+        assert!(!hosts.matches("test.io", "/"));
+        assert!(!hosts.matches("other.com", "/"));
+    }
+}

@@ -1,0 +1,180 @@
+//! The gateway's own metrics, exposed at the admin `/stats/prometheus` beside the plugins' ones.
+
+use std::fmt::Write;
+use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
+use std::time::Duration;
+
+use parking_lot::Mutex;
+use wasmgate_abi::MetricType;
+use wasmgate_runtime::shared::{HISTOGRAM_BUCKETS, Metrics};
+
+/// Latency bucket bounds in milliseconds.
+const LATENCY_BUCKETS_MS: [f64; 12] = [
+    1.0, 2.0, 5.0, 10.0, 25.0, 50.0, 100.0, 250.0, 500.0, 1000.0, 2500.0, 10000.0,
+];
+
+#[derive(Default)]
+pub struct GatewayStats {
+    /// Responses by status class 1xx..5xx.
+    responses: [AtomicU64; 5],
+    latency_buckets: [AtomicU64; LATENCY_BUCKETS_MS.len()],
+    latency_count: AtomicU64,
+    latency_sum_us: AtomicU64,
+    pub(crate) active_connections: AtomicI64,
+    /// Live VMs per plugin name.
+    vms: Mutex<Vec<(String, i64)>>,
+}
+
+impl GatewayStats {
+    pub(crate) fn record_response(&self, status: u16, latency: Duration) {
+        let class = (status / 100).clamp(1, 5) as usize - 1;
+        self.responses[class].fetch_add(1, Ordering::Relaxed);
+        let ms = latency.as_secs_f64() * 1000.0;
+        for (bucket, bound) in self.latency_buckets.iter().zip(LATENCY_BUCKETS_MS) {
+            if ms <= bound {
+                bucket.fetch_add(1, Ordering::Relaxed);
+            }
+        }
+        self.latency_count.fetch_add(1, Ordering::Relaxed);
+        self.latency_sum_us
+            .fetch_add(latency.as_micros() as u64, Ordering::Relaxed);
+    }
+
+    pub(crate) fn vm_started(&self, plugin: &str, delta: i64) {
+        let mut vms = self.vms.lock();
+        match vms.iter_mut().find(|(name, _)| name == plugin) {
+            Some((_, count)) => *count += delta,
+            None => vms.push((plugin.to_owned(), delta)),
+        }
+    }
+
+    pub fn responses_by_class(&self) -> [u64; 5] {
+        std::array::from_fn(|i| self.responses[i].load(Ordering::Relaxed))
+    }
+
+    /// The Prometheus text exposition: gateway metrics, then plugin-defined metrics under the names
+    /// the plugins chose.
+    pub fn prometheus(&self, plugin_metrics: &Metrics) -> String {
+        let mut out = String::new();
+        out.push_str("# TYPE wasmgate_http_responses_total counter\n");
+        for (i, count) in self.responses_by_class().iter().enumerate() {
+            let _ = writeln!(
+                out,
+                "wasmgate_http_responses_total{{class=\"{}xx\"}} {count}",
+                i + 1
+            );
+        }
+        out.push_str("# TYPE wasmgate_http_request_duration_milliseconds histogram\n");
+        for (bucket, bound) in self.latency_buckets.iter().zip(LATENCY_BUCKETS_MS) {
+            let _ = writeln!(
+                out,
+                "wasmgate_http_request_duration_milliseconds_bucket{{le=\"{bound}\"}} {}",
+                bucket.load(Ordering::Relaxed)
+            );
+        }
+        let count = self.latency_count.load(Ordering::Relaxed);
+        let _ = writeln!(
+            out,
+            "wasmgate_http_request_duration_milliseconds_bucket{{le=\"+Inf\"}} {count}"
+        );
+        let _ = writeln!(
+            out,
+            "wasmgate_http_request_duration_milliseconds_sum {}",
+            self.latency_sum_us.load(Ordering::Relaxed) as f64 / 1000.0
+        );
+        let _ = writeln!(
+            out,
+            "wasmgate_http_request_duration_milliseconds_count {count}"
+        );
+        out.push_str("# TYPE wasmgate_active_connections gauge\n");
+        let _ = writeln!(
+            out,
+            "wasmgate_active_connections {}",
+            self.active_connections.load(Ordering::Relaxed)
+        );
+        out.push_str("# TYPE wasmgate_plugin_vms gauge\n");
+        for (plugin, count) in self.vms.lock().iter() {
+            let _ = writeln!(
+                out,
+                "wasmgate_plugin_vms{{plugin=\"{}\"}} {count}",
+                escape(plugin)
+            );
+        }
+        for metric in plugin_metrics.snapshot() {
+            let name = sanitize(&metric.name);
+            match metric.kind {
+                MetricType::Counter => {
+                    let _ = writeln!(out, "# TYPE {name} counter\n{name} {}", metric.value);
+                }
+                MetricType::Gauge => {
+                    let _ = writeln!(out, "# TYPE {name} gauge\n{name} {}", metric.value);
+                }
+                MetricType::Histogram => {
+                    let histogram = metric.histogram.unwrap_or_default();
+                    let _ = writeln!(out, "# TYPE {name} histogram");
+                    for (count, bound) in histogram.buckets.iter().zip(HISTOGRAM_BUCKETS) {
+                        let _ = writeln!(out, "{name}_bucket{{le=\"{bound}\"}} {count}");
+                    }
+                    let _ = writeln!(out, "{name}_bucket{{le=\"+Inf\"}} {}", histogram.count);
+                    let _ = writeln!(
+                        out,
+                        "{name}_sum {}\n{name}_count {}",
+                        histogram.sum, histogram.count
+                    );
+                }
+            }
+        }
+        out
+    }
+}
+
+/// Prometheus names allow `[a-zA-Z_:][a-zA-Z0-9_:]*`; Envoy turns dots into underscores too.
+fn sanitize(name: &str) -> String {
+    let mut out: String = name
+        .chars()
+        .map(|c| {
+            if c.is_ascii_alphanumeric() || c == '_' || c == ':' {
+                c
+            } else {
+                '_'
+            }
+        })
+        .collect();
+    if out.starts_with(|c: char| c.is_ascii_digit()) {
+        out.insert(0, '_');
+    }
+    out
+}
+
+fn escape(label: &str) -> String {
+    label
+        .replace('\\', "\\\\")
+        .replace('"', "\\\"")
+        .replace('\n', "\\n")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn exposition() {
+        let stats = GatewayStats::default();
+        stats.record_response(200, Duration::from_millis(3));
+        stats.record_response(503, Duration::from_millis(30));
+        let metrics = Metrics::default();
+        let id = metrics
+            .define(MetricType::Counter, "my.plugin.hits")
+            .unwrap();
+        metrics.increment(id, 2);
+        let text = stats.prometheus(&metrics);
+        assert!(
+            text.contains("wasmgate_http_responses_total{class=\"2xx\"} 1"),
+            "{text}"
+        );
+        assert!(text.contains("wasmgate_http_responses_total{class=\"5xx\"} 1"));
+        assert!(text.contains("wasmgate_http_request_duration_milliseconds_bucket{le=\"5\"} 1"));
+        assert!(text.contains("wasmgate_http_request_duration_milliseconds_count 2"));
+        assert!(text.contains("my_plugin_hits 2"));
+    }
+}

@@ -1,0 +1,694 @@
+//! The gateway in-process on port 0, with real sockets: a recording upstream, real plugins, and a
+//! hyper client speaking HTTP/1.1 or HTTP/2.
+
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::{Request, Response};
+use http_body_util::{BodyExt, Full};
+use hyper::body::{Frame, Incoming};
+use hyper::service::service_fn;
+use hyper_util::client::legacy::Client;
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use parking_lot::Mutex;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use wasmgate_dataplane::*;
+use wasmgate_runtime::{PluginConfig, Runtime, RuntimeConfig, VmConfig};
+
+fn plugin_bytes(name: &str) -> Vec<u8> {
+    let path = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join(format!(
+        "../../plugins/target/wasm32-wasip1/release/{name}.wasm"
+    ));
+    std::fs::read(&path).unwrap_or_else(|e| {
+        panic!(
+            "{} is missing ({e}); run scripts/build-plugins.sh",
+            path.display()
+        )
+    })
+}
+
+fn runtime() -> Arc<Runtime> {
+    let cache_dir =
+        PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../target/wasmgate-test-cache");
+    Runtime::new(RuntimeConfig {
+        cache_dir: Some(cache_dir),
+        ..Default::default()
+    })
+    .unwrap()
+}
+
+/// What the upstream saw.
+#[derive(Debug, Clone)]
+struct Seen {
+    path: String,
+    headers: http::HeaderMap,
+    body: Bytes,
+    #[allow(dead_code)]
+    trailers: Option<http::HeaderMap>,
+}
+
+struct Upstream {
+    address: SocketAddr,
+    seen: Arc<Mutex<Vec<Seen>>>,
+}
+
+/// A real HTTP server on 127.0.0.1:0. `/auth` answers "allowed"; `/slow` waits 2 s; `/chunks`
+/// streams three chunks; everything else echoes the request body with `x-upstream-secret` set.
+async fn upstream() -> Upstream {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let address = listener.local_addr().unwrap();
+    let seen = Arc::new(Mutex::new(Vec::new()));
+    let record = seen.clone();
+    tokio::spawn(async move {
+        loop {
+            let Ok((stream, _)) = listener.accept().await else {
+                return;
+            };
+            let record = record.clone();
+            tokio::spawn(async move {
+                let service = service_fn(move |request: Request<Incoming>| {
+                    let record = record.clone();
+                    async move {
+                        let (parts, body) = request.into_parts();
+                        let collected = body.collect().await.unwrap();
+                        let trailers = collected.trailers().cloned();
+                        let body = collected.to_bytes();
+                        let path = parts.uri.path().to_owned();
+                        record.lock().push(Seen {
+                            path: path.clone(),
+                            headers: parts.headers,
+                            body: body.clone(),
+                            trailers,
+                        });
+                        let response = match path.as_str() {
+                            "/auth" => Response::builder()
+                                .status(200)
+                                .body(boxed(Full::new(Bytes::from("allowed")))),
+                            "/slow" => {
+                                tokio::time::sleep(Duration::from_secs(2)).await;
+                                Response::builder()
+                                    .status(200)
+                                    .body(boxed(Full::new(Bytes::from("late"))))
+                            }
+                            "/chunks" => Response::builder()
+                                .status(200)
+                                .body(boxed(Chunks::new(&["one-", "two-", "three"]))),
+                            _ => Response::builder()
+                                .status(200)
+                                .header("x-upstream-secret", "s3cret")
+                                .header("content-type", "text/plain")
+                                .body(boxed(Full::new(body))),
+                        };
+                        Ok::<_, Infallible>(response.unwrap())
+                    }
+                });
+                let _ = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new())
+                    .serve_connection(TokioIo::new(stream), service)
+                    .await;
+            });
+        }
+    });
+    Upstream { address, seen }
+}
+
+type TestBody = http_body_util::combinators::BoxBody<Bytes, Infallible>;
+
+fn boxed<B>(body: B) -> TestBody
+where
+    B: http_body::Body<Data = Bytes, Error = Infallible> + Send + Sync + 'static,
+{
+    body.boxed()
+}
+
+/// A body of separate chunks, each its own frame.
+struct Chunks(std::collections::VecDeque<Bytes>);
+
+impl Chunks {
+    fn new(chunks: &[&str]) -> Self {
+        Self(chunks.iter().map(|c| Bytes::from(c.to_string())).collect())
+    }
+}
+
+impl http_body::Body for Chunks {
+    type Data = Bytes;
+    type Error = Infallible;
+
+    fn poll_frame(
+        mut self: std::pin::Pin<&mut Self>,
+        _cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Result<Frame<Bytes>, Infallible>>> {
+        std::task::Poll::Ready(self.0.pop_front().map(|chunk| Ok(Frame::data(chunk))))
+    }
+}
+
+fn filter(
+    name: &str,
+    runtime: &Runtime,
+    wasm: &str,
+    configuration: &str,
+    policy: FailurePolicy,
+) -> FilterSpec {
+    FilterSpec {
+        name: name.into(),
+        module: runtime.load(&plugin_bytes(wasm)).unwrap(),
+        vm: VmConfig {
+            vm_id: name.into(),
+            ..Default::default()
+        },
+        plugin: PluginConfig {
+            name: name.into(),
+            root_id: String::new(),
+            configuration: configuration.as_bytes().to_vec(),
+        },
+        failure_policy: policy,
+    }
+}
+
+fn route(prefix: &str, cluster: &str) -> RouteSpec {
+    RouteSpec {
+        name: format!("route{prefix}"),
+        domains: vec![],
+        path: PathMatch::Prefix(prefix.into()),
+        action: RouteAction::Cluster(cluster.into()),
+        timeout: None,
+    }
+}
+
+struct Gateway {
+    handle: Option<GatewayHandle>,
+    address: SocketAddr,
+    runtime: Arc<Runtime>,
+}
+
+impl Drop for Gateway {
+    fn drop(&mut self) {
+        if let Some(handle) = self.handle.take() {
+            handle.shutdown();
+        }
+    }
+}
+
+fn cluster(name: &str, address: SocketAddr) -> ClusterSpec {
+    ClusterSpec {
+        name: name.into(),
+        endpoints: vec![address.to_string()],
+        connect_timeout: Duration::from_secs(1),
+        request_timeout: Some(Duration::from_millis(500)),
+        http2: false,
+    }
+}
+
+/// A gateway with one listener on port 0 whose chain is `filters`, routing `/` to the upstream.
+fn gateway(
+    upstream: SocketAddr,
+    runtime: Arc<Runtime>,
+    filters: Vec<FilterSpec>,
+    limits: Limits,
+    extra_routes: Vec<RouteSpec>,
+) -> Gateway {
+    let mut routes = extra_routes;
+    routes.push(route("/", "upstream"));
+    let spec = GatewaySpec {
+        workers: 2,
+        listeners: vec![ListenerSpec {
+            name: "main".into(),
+            address: "127.0.0.1:0".parse().unwrap(),
+            routes,
+            filters,
+            limits,
+        }],
+        clusters: vec![
+            cluster("upstream", upstream),
+            cluster("upstream_cluster", upstream),
+        ],
+    };
+    let handle = start(runtime.clone(), spec, Arc::new(GatewayStats::default())).unwrap();
+    let address = handle.address("main").unwrap();
+    Gateway {
+        handle: Some(handle),
+        address,
+        runtime,
+    }
+}
+
+fn client(http2: bool) -> Client<HttpConnector, Full<Bytes>> {
+    let mut builder = Client::builder(TokioExecutor::new());
+    if http2 {
+        builder.http2_only(true);
+    }
+    builder.build_http()
+}
+
+async fn send(
+    client: &Client<HttpConnector, Full<Bytes>>,
+    request: Request<Full<Bytes>>,
+) -> (http::response::Parts, Bytes) {
+    let response = client.request(request).await.expect("the gateway answers");
+    let (parts, body) = response.into_parts();
+    (parts, body.collect().await.unwrap().to_bytes())
+}
+
+fn get(address: SocketAddr, path: &str, headers: &[(&str, &str)]) -> Request<Full<Bytes>> {
+    let mut builder = Request::builder().uri(format!("http://{address}{path}"));
+    for (k, v) in headers {
+        builder = builder.header(*k, *v);
+    }
+    builder.body(Full::new(Bytes::new())).unwrap()
+}
+
+fn post(
+    address: SocketAddr,
+    path: &str,
+    headers: &[(&str, &str)],
+    body: &str,
+) -> Request<Full<Bytes>> {
+    let mut request = get(address, path, headers);
+    *request.method_mut() = http::Method::POST;
+    *request.body_mut() = Full::new(Bytes::from(body.to_owned()));
+    request
+}
+
+fn kitchen(runtime: &Runtime) -> FilterSpec {
+    filter(
+        "kitchen",
+        runtime,
+        "test_kitchen_sink",
+        "",
+        FailurePolicy::FailClosed,
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn headers_pass_the_plugin_both_ways_over_http1_and_http2() {
+    let up = upstream().await;
+    let runtime = runtime();
+    let gw = gateway(
+        up.address,
+        runtime.clone(),
+        vec![kitchen(&runtime)],
+        Limits::default(),
+        vec![],
+    );
+    for http2 in [false, true] {
+        let (parts, body) = send(
+            &client(http2),
+            get(gw.address, "/hello?x=1", &[("x-remove-me", "1")]),
+        )
+        .await;
+        assert_eq!(parts.status, 200);
+        assert_eq!(parts.headers["x-kitchen-response"], "1");
+        assert_eq!(parts.headers["x-kitchen-status"], "200");
+        assert!(
+            parts.headers.get("x-upstream-secret").is_none(),
+            "removed by the plugin"
+        );
+        assert!(body.is_empty());
+        let seen = up.seen.lock().last().cloned().unwrap();
+        assert_eq!(seen.path, "/hello");
+        assert_eq!(seen.headers["x-kitchen-seen"], "1");
+        assert_eq!(seen.headers["x-kitchen-path"], "/hello?x=1");
+        assert_eq!(seen.headers["x-kitchen-eos"], "true");
+        assert_eq!(seen.headers["x-forwarded-proto"], "http");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn local_reply_short_circuits() {
+    let up = upstream().await;
+    let runtime = runtime();
+    let gw = gateway(
+        up.address,
+        runtime.clone(),
+        vec![kitchen(&runtime)],
+        Limits::default(),
+        vec![],
+    );
+    let (parts, body) = send(
+        &client(false),
+        get(gw.address, "/", &[("x-mode", "local-reply")]),
+    )
+    .await;
+    assert_eq!(parts.status, 403);
+    assert_eq!(parts.headers["x-reason"], "denied");
+    assert_eq!(parts.headers["content-length"], "17");
+    assert_eq!(body, "denied by kitchen");
+    assert_eq!(
+        parts.headers["x-kitchen-response"], "1",
+        "the reply passed the plugin's response callbacks"
+    );
+    assert!(
+        up.seen.lock().is_empty(),
+        "the upstream never saw the request"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn http_call_pauses_the_request_until_the_answer() {
+    let up = upstream().await;
+    let runtime = runtime();
+    let gw = gateway(
+        up.address,
+        runtime.clone(),
+        vec![kitchen(&runtime)],
+        Limits::default(),
+        vec![],
+    );
+    let (parts, _) = send(
+        &client(false),
+        get(gw.address, "/resource", &[("x-mode", "http-call")]),
+    )
+    .await;
+    assert_eq!(parts.status, 200);
+    let seen = up.seen.lock().clone();
+    assert_eq!(seen.len(), 2);
+    assert_eq!(seen[0].path, "/auth", "the call went first");
+    assert_eq!(seen[0].headers["host"], "auth.local");
+    assert_eq!(seen[1].path, "/resource");
+    assert_eq!(seen[1].headers["x-kitchen-call-status"], "200");
+    assert_eq!(seen[1].headers["x-kitchen-call-body"], "allowed");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn request_body_buffered_and_rewritten_with_a_true_length() {
+    let up = upstream().await;
+    let runtime = runtime();
+    let gw = gateway(
+        up.address,
+        runtime.clone(),
+        vec![kitchen(&runtime)],
+        Limits::default(),
+        vec![],
+    );
+    let (parts, body) = send(
+        &client(false),
+        post(
+            gw.address,
+            "/upload",
+            &[("x-mode", "buffer-body")],
+            "hello wasm",
+        ),
+    )
+    .await;
+    assert_eq!(parts.status, 200);
+    assert_eq!(body, "HELLO WASM", "the upstream echoed the rewritten body");
+    let seen = up.seen.lock().last().cloned().unwrap();
+    assert_eq!(seen.body, "HELLO WASM");
+    assert_eq!(seen.headers["content-length"], "10");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn response_body_buffered_and_rewritten() {
+    let up = upstream().await;
+    let runtime = runtime();
+    let gw = gateway(
+        up.address,
+        runtime.clone(),
+        vec![kitchen(&runtime)],
+        Limits::default(),
+        vec![],
+    );
+    for http2 in [false, true] {
+        let (parts, body) = send(
+            &client(http2),
+            get(gw.address, "/chunks", &[("x-mode", "response-body")]),
+        )
+        .await;
+        assert_eq!(parts.status, 200);
+        assert_eq!(body, "one-two-three [kitchen]");
+        assert_eq!(parts.headers["content-length"], "23");
+    }
+    // Without the mode the chunks stream through.
+    let (_, body) = send(&client(false), get(gw.address, "/chunks", &[])).await;
+    assert_eq!(body, "one-two-three");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_chain_runs_requests_in_order_and_responses_in_reverse() {
+    let up = upstream().await;
+    let runtime = runtime();
+    let first = filter(
+        "first",
+        &runtime,
+        "add_header",
+        r#"{"name":"x-order","value":"first","side":"both"}"#,
+        FailurePolicy::FailClosed,
+    );
+    let second = filter(
+        "second",
+        &runtime,
+        "add_header",
+        r#"{"name":"x-order","value":"second","side":"both"}"#,
+        FailurePolicy::FailClosed,
+    );
+    let gw = gateway(
+        up.address,
+        runtime.clone(),
+        vec![first, second],
+        Limits::default(),
+        vec![],
+    );
+    let (parts, _) = send(&client(false), get(gw.address, "/", &[])).await;
+    let response: Vec<_> = parts
+        .headers
+        .get_all("x-order")
+        .iter()
+        .map(|v| v.to_str().unwrap().to_owned())
+        .collect();
+    assert_eq!(response, vec!["second", "first"]);
+    let seen = up.seen.lock().last().cloned().unwrap();
+    let request: Vec<_> = seen
+        .headers
+        .get_all("x-order")
+        .iter()
+        .map(|v| v.to_str().unwrap().to_owned())
+        .collect();
+    assert_eq!(request, vec!["first", "second"]);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn routes_direct_responses_and_missing_routes() {
+    let up = upstream().await;
+    let runtime = runtime();
+    let direct = RouteSpec {
+        name: "direct".into(),
+        domains: vec![],
+        path: PathMatch::Exact("/healthz".into()),
+        action: RouteAction::DirectResponse {
+            status: 200,
+            body: "ok".into(),
+        },
+        timeout: None,
+    };
+    let other_host = RouteSpec {
+        domains: vec!["only.example".into()],
+        ..route("/private", "upstream")
+    };
+    let spec = GatewaySpec {
+        workers: 1,
+        listeners: vec![ListenerSpec {
+            name: "main".into(),
+            address: "127.0.0.1:0".parse().unwrap(),
+            routes: vec![direct, other_host, route("/api", "upstream")],
+            filters: vec![kitchen(&runtime)],
+            limits: Limits::default(),
+        }],
+        clusters: vec![
+            cluster("upstream", up.address),
+            cluster("upstream_cluster", up.address),
+        ],
+    };
+    let handle = start(runtime.clone(), spec, Arc::new(GatewayStats::default())).unwrap();
+    let address = handle.address("main").unwrap();
+    let c = client(false);
+    let (parts, body) = send(&c, get(address, "/healthz", &[])).await;
+    assert_eq!((parts.status.as_u16(), body.as_ref()), (200, &b"ok"[..]));
+    assert_eq!(
+        parts.headers["x-kitchen-response"], "1",
+        "direct responses pass the plugins"
+    );
+    let (parts, _) = send(&c, get(address, "/nowhere", &[])).await;
+    assert_eq!(parts.status, 404);
+    let (parts, _) = send(&c, get(address, "/private", &[])).await;
+    assert_eq!(parts.status, 404, "the host does not match");
+    let mut request = get(address, "/private", &[]);
+    request
+        .headers_mut()
+        .insert("host", "only.example".parse().unwrap());
+    let (parts, _) = send(&c, request).await;
+    assert_eq!(parts.status, 200);
+    assert!(up.seen.lock().iter().all(|s| s.path != "/nowhere"));
+    handle.shutdown();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn upstream_refused_is_503_and_timeout_is_504() {
+    let up = upstream().await;
+    let runtime = runtime();
+    // A port nothing listens on: bind, note it, close.
+    let closed = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap();
+    let spec = GatewaySpec {
+        workers: 1,
+        listeners: vec![ListenerSpec {
+            name: "main".into(),
+            address: "127.0.0.1:0".parse().unwrap(),
+            routes: vec![route("/refused", "nowhere"), route("/", "upstream")],
+            filters: vec![],
+            limits: Limits::default(),
+        }],
+        clusters: vec![cluster("upstream", up.address), cluster("nowhere", closed)],
+    };
+    let handle = start(runtime, spec, Arc::new(GatewayStats::default())).unwrap();
+    let address = handle.address("main").unwrap();
+    let (parts, body) = send(&client(false), get(address, "/refused", &[])).await;
+    assert_eq!(parts.status, 503);
+    assert!(
+        String::from_utf8_lossy(&body).contains("upstream connect error"),
+        "{body:?}"
+    );
+    let (parts, body) = send(&client(false), get(address, "/slow", &[])).await;
+    assert_eq!(parts.status, 504);
+    assert_eq!(body, "upstream request timeout");
+    let stats = handle.stats.responses_by_class();
+    assert_eq!(stats[4], 2, "two 5xx counted");
+    handle.shutdown();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn body_over_the_buffer_limit_is_413() {
+    let up = upstream().await;
+    let runtime = runtime();
+    let limits = Limits {
+        per_stream_buffer_limit: 64,
+        ..Limits::default()
+    };
+    let gw = gateway(
+        up.address,
+        runtime.clone(),
+        vec![kitchen(&runtime)],
+        limits,
+        vec![],
+    );
+    // Ten chunks of 100 bytes: the plugin pauses on each, so the gateway holds them all.
+    let mut chunked = b"POST /upload HTTP/1.1\r\nhost: a\r\nx-mode: buffer-body\r\nconnection: close\r\ntransfer-encoding: chunked\r\n\r\n".to_vec();
+    for _ in 0..10 {
+        chunked.extend_from_slice(format!("64\r\n{}\r\n", "x".repeat(100)).as_bytes());
+    }
+    chunked.extend_from_slice(b"0\r\n\r\n");
+    let answer = raw(gw.address, chunked).await;
+    assert!(answer.starts_with("HTTP/1.1 413"), "{answer}");
+    assert!(up.seen.lock().is_empty());
+    let body = "x".repeat(1000);
+    // A body nobody buffers streams through whatever its size.
+    let (parts, echoed) = send(&client(false), post(gw.address, "/upload", &[], &body)).await;
+    assert_eq!(parts.status, 200);
+    assert_eq!(echoed.len(), 1000);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_trapping_plugin_fails_closed_or_open() {
+    let up = upstream().await;
+    let runtime = runtime();
+    let closed = gateway(
+        up.address,
+        runtime.clone(),
+        vec![kitchen(&runtime)],
+        Limits {
+            ..Limits::default()
+        },
+        vec![],
+    );
+    let mut open_filter = kitchen(&runtime);
+    open_filter.failure_policy = FailurePolicy::FailOpen;
+    let open = gateway(
+        up.address,
+        runtime.clone(),
+        vec![open_filter],
+        Limits::default(),
+        vec![],
+    );
+    // One worker per gateway would make this exact; with two, panic on every worker.
+    for _ in 0..4 {
+        let (parts, _) = send(
+            &client(false),
+            get(closed.address, "/", &[("x-mode", "panic")]),
+        )
+        .await;
+        assert_eq!(parts.status, 503);
+        let (parts, _) = send(
+            &client(false),
+            get(open.address, "/", &[("x-mode", "panic")]),
+        )
+        .await;
+        assert_eq!(parts.status, 200, "FAIL_OPEN skips the failed plugin");
+    }
+    let (parts, _) = send(&client(false), get(closed.address, "/", &[])).await;
+    assert_eq!(parts.status, 503, "the failed VM stays failed");
+    let (parts, _) = send(&client(false), get(open.address, "/", &[])).await;
+    assert_eq!(parts.status, 200);
+    drop((closed, open));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn malformed_requests_and_oversized_headers() {
+    let up = upstream().await;
+    let runtime = runtime();
+    let limits = Limits {
+        max_request_headers_bytes: 8192,
+        ..Limits::default()
+    };
+    let gw = gateway(up.address, runtime, vec![], limits, vec![]);
+    let answer = raw(gw.address, b"GARBAGE\r\n\r\n".to_vec()).await;
+    assert!(answer.starts_with("HTTP/1.1 400"), "{answer}");
+    let mut big = b"GET / HTTP/1.1\r\nhost: a\r\nx-big: ".to_vec();
+    big.extend(std::iter::repeat_n(b'a', 20_000));
+    big.extend_from_slice(b"\r\n\r\n");
+    let answer = raw(gw.address, big).await;
+    assert!(answer.starts_with("HTTP/1.1 431"), "{answer}");
+}
+
+/// Sends raw bytes and reads the answer until the gateway closes the connection.
+async fn raw(address: SocketAddr, bytes: Vec<u8>) -> String {
+    let mut stream = tokio::net::TcpStream::connect(address).await.unwrap();
+    stream.write_all(&bytes).await.unwrap();
+    let mut answer = Vec::new();
+    let _ = tokio::time::timeout(Duration::from_secs(5), stream.read_to_end(&mut answer)).await;
+    String::from_utf8_lossy(&answer).into_owned()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn keep_alive_connections_are_reused() {
+    let up = upstream().await;
+    let runtime = runtime();
+    let gw = gateway(
+        up.address,
+        runtime.clone(),
+        vec![kitchen(&runtime)],
+        Limits::default(),
+        vec![],
+    );
+    let mut stream = tokio::net::TcpStream::connect(gw.address).await.unwrap();
+    for _ in 0..3 {
+        stream
+            .write_all(b"GET / HTTP/1.1\r\nhost: example\r\n\r\n")
+            .await
+            .unwrap();
+        let mut buffer = vec![0u8; 4096];
+        let n = stream.read(&mut buffer).await.unwrap();
+        let text = String::from_utf8_lossy(&buffer[..n]);
+        assert!(text.starts_with("HTTP/1.1 200"), "{text}");
+    }
+    assert_eq!(
+        up.seen.lock().len(),
+        3,
+        "three requests on one client connection"
+    );
+    let _ = &gw.runtime;
+}
