@@ -293,10 +293,11 @@ impl Chain {
     fn order(&self, direction: Direction, through: Option<usize>) -> Vec<usize> {
         match direction {
             Direction::Request => (0..self.stages.len()).collect(),
-            Direction::Response => (0..=through.unwrap_or(self.stages.len().wrapping_sub(1)))
-                .rev()
-                .filter(|i| *i < self.stages.len())
-                .collect(),
+            Direction::Response => {
+                // Through stage `through` (inclusive), or all; an empty chain visits nothing.
+                let end = through.map_or(self.stages.len(), |t| (t + 1).min(self.stages.len()));
+                (0..end).rev().collect()
+            }
         }
     }
 

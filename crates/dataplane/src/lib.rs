@@ -12,13 +12,14 @@ mod proxy;
 mod server;
 mod spec;
 mod stats;
+mod tls;
 mod upstream;
 
-pub use admin::{AdminHandle, AdminState, start_admin};
+pub use admin::{AdminHandle, AdminState, LogFilterSetter, start_admin};
 pub use body::GatewayBody;
 pub use server::{GatewayHandle, StartError, start};
 pub use spec::{
     ClusterSpec, FailurePolicy, FilterSpec, GatewaySpec, Limits, ListenerSpec, PathMatch,
-    RouteAction, RouteSpec,
+    RouteAction, RouteSpec, TlsFiles, UpstreamTls,
 };
 pub use stats::GatewayStats;

@@ -31,7 +31,12 @@ pub(crate) struct ConnInfo {
     pub remote: std::net::SocketAddr,
     pub local: std::net::SocketAddr,
     pub id: u64,
+    /// `https` on a TLS listener.
     pub scheme: &'static str,
+    /// `TLSv1.2` or `TLSv1.3` on a TLS listener (`connection.tls_version`).
+    pub tls_version: Option<String>,
+    /// The SNI the client sent (`connection.requested_server_name`).
+    pub requested_server_name: Option<String>,
 }
 
 pub(crate) async fn handle(
@@ -47,6 +52,45 @@ pub(crate) async fn handle(
     Ok(response)
 }
 
+/// A random version-4 UUID, as Envoy's `x-request-id`.
+fn request_id() -> String {
+    use std::hash::{BuildHasher, Hasher};
+    // RandomState is seeded from the OS per instance; two of them give 128 unpredictable bits.
+    let half = || {
+        let mut hasher = std::collections::hash_map::RandomState::new().build_hasher();
+        hasher.write_u128(
+            std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .unwrap_or_default()
+                .as_nanos(),
+        );
+        hasher.finish()
+    };
+    let (high, low) = (half(), half());
+    let bytes: Vec<u8> = high
+        .to_be_bytes()
+        .into_iter()
+        .chain(low.to_be_bytes())
+        .collect();
+    let hex: String = bytes
+        .iter()
+        .enumerate()
+        .map(|(i, b)| match i {
+            6 => format!("{:02x}", (b & 0x0f) | 0x40),
+            8 => format!("{:02x}", (b & 0x3f) | 0x80),
+            _ => format!("{b:02x}"),
+        })
+        .collect();
+    format!(
+        "{}-{}-{}-{}-{}",
+        &hex[0..8],
+        &hex[8..12],
+        &hex[12..16],
+        &hex[16..20],
+        &hex[20..32]
+    )
+}
+
 fn route<'a>(spec: &'a ListenerSpec, headers: &HeaderMap) -> Option<&'a RouteSpec> {
     let host = headers.get_str(":authority").unwrap_or("");
     let path = headers.get_str(":path").unwrap_or("/");
@@ -60,11 +104,20 @@ async fn proxy(
 ) -> Response<GatewayBody> {
     let (parts, mut body) = request.into_parts();
     let mut headers = convert::request_map(&parts, conn.scheme);
+    // As Envoy, before the filter chain, so plugins see them too.
+    if headers.get("x-forwarded-proto").is_none() {
+        headers.add("x-forwarded-proto", conn.scheme);
+    }
+    if headers.get("x-request-id").is_none() {
+        headers.add("x-request-id", request_id());
+    }
     let initial_route = route(&listener.spec, &headers);
     let info = StreamInfo {
         source: Some(conn.remote),
         destination: Some(conn.local),
         connection_id: Some(conn.id),
+        tls_version: conn.tls_version.clone(),
+        requested_server_name: conn.requested_server_name.clone(),
         protocol: Some(
             match parts.version {
                 http::Version::HTTP_2 => "HTTP/2",
@@ -271,10 +324,6 @@ impl Upstream {
             Some(length) => map.replace("content-length", length.to_string()),
             None if !keep_length => map.remove("content-length"),
             None => {}
-        }
-        if map.get("x-forwarded-proto").is_none() {
-            let scheme = map.get_str(":scheme").unwrap_or("http").to_owned();
-            map.add("x-forwarded-proto", scheme);
         }
         let body = if no_body || known_length == Some(0) {
             GatewayBody::empty()
@@ -485,6 +534,12 @@ async fn reply(chain: &mut Chain, halt: Halt) -> Response<GatewayBody> {
         Halt::Reply { response, from } => {
             let (map, body) = local_reply_parts(&response);
             run_through(chain, map, body, Some(from)).await
+        }
+        // Envoy's own 413 passes the response callbacks too.
+        Halt::Status { code: 413, .. } => {
+            let body = b"Payload Too Large".to_vec();
+            let through = chain.len().checked_sub(1);
+            run_through(chain, status_map(413, true), body, through).await
         }
         other => gateway_status(other),
     }

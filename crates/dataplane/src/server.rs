@@ -2,10 +2,11 @@
 //! VM per plugin, so a request's contexts live on one thread and the hot path takes no lock. All
 //! workers accept on the same listening sockets; the kernel spreads connections among them.
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 use std::future::Future;
 use std::net::SocketAddr;
-use std::rc::Rc;
+use std::path::PathBuf;
+use std::rc::{Rc, Weak};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
@@ -14,13 +15,17 @@ use hyper::service::service_fn;
 use hyper_util::rt::{TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
 use hyper_util::server::graceful::GracefulShutdown;
+use tokio::io::{AsyncRead, AsyncWrite};
+use tokio::net::TcpStream;
 use tokio::sync::{Notify, watch};
+use tokio_rustls::TlsAcceptor;
 use wasmgate_runtime::{Runtime, VmError};
 
 use crate::chain::Plugin;
 use crate::proxy::{ConnInfo, ListenerState, handle};
 use crate::spec::GatewaySpec;
 use crate::stats::GatewayStats;
+use crate::tls::{self, ClusterTls};
 use crate::upstream::Upstreams;
 
 /// How long a graceful shutdown waits for requests in flight.
@@ -40,6 +45,23 @@ pub enum StartError {
         listener: String,
         plugin: String,
         error: Box<VmError>,
+    },
+    /// A listener's certificate or key could not be loaded.
+    #[error("listener {listener}: TLS {}: {reason}", file.display())]
+    ListenerTls {
+        listener: String,
+        file: PathBuf,
+        reason: String,
+    },
+    /// A cluster's upstream TLS settings are unusable (`file` is the CA file when it is at fault).
+    #[error(
+        "cluster {cluster}: upstream TLS{}: {reason}",
+        file.as_ref().map(|f| format!(" {}", f.display())).unwrap_or_default()
+    )]
+    ClusterTls {
+        cluster: String,
+        file: Option<PathBuf>,
+        reason: String,
     },
     #[error("starting worker threads: {0}")]
     Worker(String),
@@ -81,6 +103,19 @@ pub fn start(
     spec: GatewaySpec,
     stats: Arc<GatewayStats>,
 ) -> Result<GatewayHandle, StartError> {
+    // TLS first: a bad file stops start-up before anything listens.
+    let acceptors: Vec<Option<TlsAcceptor>> = spec
+        .listeners
+        .iter()
+        .map(|l| Ok(tls::listener_config(l)?.map(TlsAcceptor::from)))
+        .collect::<Result<_, StartError>>()?;
+    let mut cluster_tls = HashMap::new();
+    let plain = tls::plain_cluster_config();
+    for cluster in &spec.clusters {
+        let config = tls::cluster_config(cluster)?.unwrap_or_else(|| plain.clone());
+        cluster_tls.insert(cluster.name.clone(), config);
+    }
+    let cluster_tls = Arc::new(cluster_tls);
     let mut sockets = Vec::new();
     let mut listeners = Vec::new();
     for (index, listener) in spec.listeners.iter().enumerate() {
@@ -116,9 +151,13 @@ pub fn start(
             shutdown_rx.clone(),
             connection_ids.clone(),
         );
+        let tls = WorkerTls {
+            acceptors: acceptors.clone(),
+            clusters: cluster_tls.clone(),
+        };
         let thread = std::thread::Builder::new()
             .name(format!("wasmgate-worker-{worker}"))
-            .spawn(move || run_worker(runtime, spec, sockets, stats, ready, shutdown, ids))
+            .spawn(move || run_worker(runtime, spec, tls, sockets, stats, ready, shutdown, ids))
             .map_err(|e| StartError::Worker(e.to_string()))?;
         workers.push(thread);
     }
@@ -158,9 +197,18 @@ where
     }
 }
 
+/// The TLS settings loaded at start-up, shared by the workers.
+struct WorkerTls {
+    /// One per listener, in order; `None` for plain listeners.
+    acceptors: Vec<Option<TlsAcceptor>>,
+    clusters: Arc<HashMap<String, ClusterTls>>,
+}
+
+#[allow(clippy::too_many_arguments)]
 fn run_worker(
     runtime: Arc<Runtime>,
     spec: GatewaySpec,
+    tls: WorkerTls,
     sockets: Vec<std::net::TcpListener>,
     stats: Arc<GatewayStats>,
     ready: std::sync::mpsc::Sender<Result<(), StartError>>,
@@ -179,11 +227,12 @@ fn run_worker(
     };
     let local = tokio::task::LocalSet::new();
     local.block_on(&tokio, async move {
-        let upstreams = Rc::new(Upstreams::new(&spec.clusters));
+        let upstreams = Rc::new(Upstreams::new(&spec.clusters, &tls.clusters));
         let clusters: Arc<HashSet<String>> =
             Arc::new(spec.clusters.iter().map(|c| c.name.clone()).collect());
         let mut states = Vec::new();
-        for (listener, socket) in spec.listeners.iter().zip(sockets) {
+        for ((listener, socket), acceptor) in spec.listeners.iter().zip(sockets).zip(tls.acceptors)
+        {
             let mut plugins = Vec::new();
             for filter in &listener.filters {
                 match Plugin::start(
@@ -217,19 +266,20 @@ fn run_worker(
                 upstreams: upstreams.clone(),
                 stats: stats.clone(),
             });
-            states.push((state, socket));
+            states.push((state, socket, acceptor));
         }
         let _ = ready.send(Ok(()));
         let graceful = Rc::new(GracefulShutdown::new());
         let mut loops = Vec::new();
-        for (state, socket) in states {
+        for (state, socket, acceptor) in states {
             for plugin in &state.plugins {
                 tokio::task::spawn_local(plugin_timers(plugin.clone(), shutdown.clone()));
             }
             loops.push(tokio::task::spawn_local(accept_loop(
                 state,
                 socket,
-                graceful.clone(),
+                acceptor,
+                Rc::downgrade(&graceful),
                 shutdown.clone(),
                 connection_ids.clone(),
             )));
@@ -249,10 +299,13 @@ fn run_worker(
     });
 }
 
+/// Accepts connections and gives each its own task, where the TLS handshake (if any) and the
+/// HTTP connection run; a failed handshake ends only its connection.
 async fn accept_loop(
     state: Rc<ListenerState>,
     socket: tokio::net::TcpListener,
-    graceful: Rc<GracefulShutdown>,
+    tls: Option<TlsAcceptor>,
+    graceful: Weak<GracefulShutdown>,
     mut shutdown: watch::Receiver<bool>,
     connection_ids: Arc<AtomicU64>,
 ) {
@@ -268,6 +321,7 @@ async fn accept_loop(
         .http2()
         .timer(TokioTimer::new())
         .max_header_list_size(limits.max_request_headers_bytes as u32);
+    let builder = Rc::new(builder);
     loop {
         let accepted = tokio::select! {
             accepted = socket.accept() => accepted,
@@ -282,29 +336,101 @@ async fn accept_loop(
             }
         };
         let _ = stream.set_nodelay(true);
-        let local = stream.local_addr().unwrap_or(state.spec.address);
-        let conn = Rc::new(ConnInfo {
+        let conn = ConnInfo {
             remote,
-            local,
+            local: stream.local_addr().unwrap_or(state.spec.address),
             id: connection_ids.fetch_add(1, Ordering::Relaxed) + 1,
             scheme: "http",
-        });
-        let service_state = state.clone();
-        let service =
-            service_fn(move |request| handle(service_state.clone(), conn.clone(), request));
-        let connection = graceful.watch(
-            builder
-                .serve_connection(TokioIo::new(stream), service)
-                .into_owned(),
-        );
-        let stats = state.stats.clone();
-        tokio::task::spawn_local(async move {
-            stats.active_connections.fetch_add(1, Ordering::Relaxed);
-            if let Err(error) = connection.await {
-                tracing::debug!("connection ended with an error: {error}");
-            }
-            stats.active_connections.fetch_sub(1, Ordering::Relaxed);
-        });
+            tls_version: None,
+            requested_server_name: None,
+        };
+        tokio::task::spawn_local(connection(
+            state.clone(),
+            builder.clone(),
+            graceful.clone(),
+            tls.clone(),
+            stream,
+            conn,
+        ));
+    }
+}
+
+/// Counts a connection as active for as long as its task lives (also when the task is dropped
+/// at shutdown in the middle of a handshake).
+struct ActiveConnection(Arc<GatewayStats>);
+
+impl ActiveConnection {
+    fn new(stats: Arc<GatewayStats>) -> Self {
+        stats.active_connections.fetch_add(1, Ordering::Relaxed);
+        Self(stats)
+    }
+}
+
+impl Drop for ActiveConnection {
+    fn drop(&mut self) {
+        self.0.active_connections.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+/// One accepted connection: the TLS handshake, bounded by the listener's header-read timeout,
+/// then HTTP/1.1 or HTTP/2 (by the connection preface; over TLS ALPN leads the client to it).
+async fn connection(
+    state: Rc<ListenerState>,
+    builder: Rc<auto::Builder<LocalExec>>,
+    graceful: Weak<GracefulShutdown>,
+    tls: Option<TlsAcceptor>,
+    stream: TcpStream,
+    mut conn: ConnInfo,
+) {
+    let _active = ActiveConnection::new(state.stats.clone());
+    let Some(acceptor) = tls else {
+        return serve(state, &builder, &graceful, TokioIo::new(stream), conn).await;
+    };
+    let limit = state.spec.limits.header_read_timeout;
+    let stream = match tokio::time::timeout(limit, acceptor.accept(stream)).await {
+        Ok(Ok(stream)) => stream,
+        Ok(Err(error)) => {
+            tracing::debug!(
+                listener = %state.spec.name, remote = %conn.remote,
+                "TLS handshake failed: {error}"
+            );
+            return;
+        }
+        Err(_) => {
+            tracing::debug!(
+                listener = %state.spec.name, remote = %conn.remote,
+                "TLS handshake timed out after {limit:?}"
+            );
+            return;
+        }
+    };
+    let (_, session) = stream.get_ref();
+    conn.scheme = "https";
+    conn.tls_version = session.protocol_version().map(tls::version_name);
+    conn.requested_server_name = session.server_name().map(str::to_owned);
+    serve(state, &builder, &graceful, TokioIo::new(stream), conn).await;
+}
+
+async fn serve<I>(
+    state: Rc<ListenerState>,
+    builder: &auto::Builder<LocalExec>,
+    graceful: &Weak<GracefulShutdown>,
+    io: TokioIo<I>,
+    conn: ConnInfo,
+) where
+    I: AsyncRead + AsyncWrite + Unpin + 'static,
+{
+    let conn = Rc::new(conn);
+    let service = service_fn(move |request| handle(state.clone(), conn.clone(), request));
+    let connection = builder.serve_connection(io, service).into_owned();
+    // Gone once the worker drains: a connection that finished its handshake too late closes.
+    let Some(graceful) = graceful.upgrade() else {
+        return;
+    };
+    let connection = graceful.watch(connection);
+    drop(graceful);
+    if let Err(error) = connection.await {
+        tracing::debug!("connection ended with an error: {error}");
     }
 }
 

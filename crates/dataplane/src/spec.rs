@@ -2,6 +2,7 @@
 //! modules compiled). The data plane never reads files or manifests itself.
 
 use std::net::SocketAddr;
+use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -24,6 +25,17 @@ pub struct ListenerSpec {
     /// The filter chain: request callbacks run in this order, response callbacks in reverse.
     pub filters: Vec<FilterSpec>,
     pub limits: Limits,
+    /// TLS termination; `None` serves plain HTTP (HTTP/1.1, and HTTP/2 with prior knowledge).
+    pub tls: Option<TlsFiles>,
+}
+
+/// A listener's certificate and key, PEM. Over TLS, ALPN offers `h2` and `http/1.1`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TlsFiles {
+    /// The certificate chain, leaf first.
+    pub cert_file: PathBuf,
+    /// The private key: PKCS#8, PKCS#1 (RSA) or SEC1 (EC).
+    pub key_file: PathBuf,
 }
 
 #[derive(Debug, Clone)]
@@ -84,6 +96,7 @@ pub struct RouteSpec {
 pub enum PathMatch {
     Prefix(String),
     Exact(String),
+    /// Expected anchored (`^(?:...)$`) by whoever builds it, for Envoy's full-match semantics.
     Regex(Regex),
 }
 
@@ -101,16 +114,34 @@ pub struct ClusterSpec {
     pub connect_timeout: Duration,
     /// `None`: no timeout.
     pub request_timeout: Option<Duration>,
+    /// HTTP/2 to the upstream: prior knowledge over plain TCP, ALPN `h2` over TLS.
     pub http2: bool,
+    /// TLS to the upstream; `None` speaks plain HTTP.
+    pub tls: Option<UpstreamTls>,
+}
+
+/// A cluster's upstream TLS.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct UpstreamTls {
+    /// The name sent as SNI and checked against the upstream's certificate; by default the
+    /// endpoint's host (an IP endpoint sends no SNI and is checked against the IP SANs).
+    pub sni: Option<String>,
+    /// PEM CA certificates to trust; by default the Mozilla roots (webpki-roots).
+    pub ca_file: Option<PathBuf>,
+    /// Accept any certificate. For tests and development only: it gives no protection against
+    /// an attacker in the middle.
+    pub insecure_skip_verify: bool,
 }
 
 impl RouteSpec {
     pub(crate) fn matches(&self, host: &str, path: &str) -> bool {
-        let path = path.split('?').next().unwrap_or("");
+        // As Envoy: a prefix looks at the whole `:path`, exact and regex matches at the path
+        // without its query string.
+        let without_query = path.split('?').next().unwrap_or("");
         let path_ok = match &self.path {
             PathMatch::Prefix(prefix) => path.starts_with(prefix.as_str()),
-            PathMatch::Exact(exact) => path == exact,
-            PathMatch::Regex(regex) => regex.is_match(path),
+            PathMatch::Exact(exact) => without_query == exact,
+            PathMatch::Regex(regex) => regex.is_match(without_query),
         };
         path_ok && (self.domains.is_empty() || self.domains.iter().any(|d| domain_matches(d, host)))
     }
@@ -124,14 +155,14 @@ fn domain_matches(pattern: &str, host: &str) -> bool {
     if pattern == "*" {
         return true;
     }
-    match pattern.strip_prefix('*') {
-        Some(suffix) => {
-            host.len() > suffix.len()
-                && host
-                    .to_ascii_lowercase()
-                    .ends_with(&suffix.to_ascii_lowercase())
-        }
-        None => pattern.eq_ignore_ascii_case(host),
+    let host = host.to_ascii_lowercase();
+    let pattern = pattern.to_ascii_lowercase();
+    if let Some(suffix) = pattern.strip_prefix('*') {
+        host.len() > suffix.len() && host.ends_with(suffix)
+    } else if let Some(prefix) = pattern.strip_suffix('*') {
+        host.len() > prefix.len() && host.starts_with(prefix)
+    } else {
+        pattern == host
     }
 }
 
@@ -163,5 +194,6 @@ mod tests {
         assert!(hosts.matches("a.test.io", "/"));
         assert!(!hosts.matches("test.io", "/"));
         assert!(!hosts.matches("other.com", "/"));
+        assert!(route(PathMatch::Prefix("/".into()), &["api.*"]).matches("api.internal:80", "/"));
     }
 }

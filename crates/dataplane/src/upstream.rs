@@ -1,5 +1,5 @@
 //! Clusters on one worker: a keep-alive pool per cluster (hyper-util's client), endpoints taken
-//! round robin, connect and request timeouts.
+//! round robin, connect and request timeouts, plain HTTP or TLS (hyper-rustls).
 
 use std::cell::Cell;
 use std::collections::HashMap;
@@ -9,6 +9,7 @@ use bytes::Bytes;
 use http::{Request, Response, Uri};
 use http_body_util::BodyExt;
 use hyper::body::Incoming;
+use hyper_rustls::HttpsConnector;
 use hyper_util::client::legacy::Client;
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::rt::{TokioExecutor, TokioTimer};
@@ -18,6 +19,7 @@ use wasmgate_runtime::CallOutcome;
 use crate::body::GatewayBody;
 use crate::convert;
 use crate::spec::ClusterSpec;
+use crate::tls::ClusterTls;
 
 #[derive(Debug, thiserror::Error)]
 pub(crate) enum UpstreamError {
@@ -49,7 +51,10 @@ impl UpstreamError {
 
 struct Cluster {
     spec: ClusterSpec,
-    client: Client<HttpConnector, GatewayBody>,
+    /// One client type for both kinds: the connector does TLS for `https://` URIs only, and a
+    /// cluster's URIs are `https://` exactly when it has TLS.
+    client: Client<HttpsConnector<HttpConnector>, GatewayBody>,
+    scheme: &'static str,
     next: Cell<usize>,
 }
 
@@ -58,13 +63,23 @@ pub(crate) struct Upstreams {
 }
 
 impl Upstreams {
-    pub fn new(specs: &[ClusterSpec]) -> Self {
+    /// `tls` holds every cluster's settings by name (see [`crate::tls::plain_cluster_config`]
+    /// for plain clusters); a cluster missing from it is plain.
+    pub fn new(specs: &[ClusterSpec], tls: &HashMap<String, ClusterTls>) -> Self {
         let clusters = specs
             .iter()
             .map(|spec| {
-                let mut connector = HttpConnector::new();
-                connector.set_connect_timeout(Some(spec.connect_timeout));
-                connector.set_nodelay(true);
+                let mut http = HttpConnector::new();
+                http.set_connect_timeout(Some(spec.connect_timeout));
+                http.set_nodelay(true);
+                // The TLS layer takes `https://` URIs; the inner connector must let them through.
+                http.enforce_http(false);
+                let cluster_tls = tls
+                    .get(&spec.name)
+                    .cloned()
+                    .unwrap_or_else(crate::tls::plain_cluster_config);
+                let connector =
+                    HttpsConnector::new(http, cluster_tls.config, false, cluster_tls.server_name);
                 let mut builder = Client::builder(TokioExecutor::new());
                 builder
                     .pool_timer(TokioTimer::new())
@@ -79,6 +94,7 @@ impl Upstreams {
                     Cluster {
                         spec: spec.clone(),
                         client,
+                        scheme: if spec.tls.is_some() { "https" } else { "http" },
                         next: Cell::new(0),
                     },
                 )
@@ -115,7 +131,8 @@ impl Upstreams {
             .path_and_query()
             .map(|p| p.as_str())
             .unwrap_or("/");
-        let uri: Uri = format!("http://{endpoint}{path}")
+        let scheme = target.scheme;
+        let uri: Uri = format!("{scheme}://{endpoint}{path}")
             .parse()
             .map_err(|e| UpstreamError::BadRequest(format!("{e}")))?;
         *request.uri_mut() = uri;

@@ -1,207 +1,22 @@
 //! The gateway in-process on port 0, with real sockets: a recording upstream, real plugins, and a
 //! hyper client speaking HTTP/1.1 or HTTP/2.
 
-use std::convert::Infallible;
+mod common;
+
 use std::net::SocketAddr;
-use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
-use http::{Request, Response};
+use common::*;
+use http::Request;
 use http_body_util::{BodyExt, Full};
-use hyper::body::{Frame, Incoming};
-use hyper::service::service_fn;
 use hyper_util::client::legacy::Client;
 use hyper_util::client::legacy::connect::HttpConnector;
-use hyper_util::rt::{TokioExecutor, TokioIo};
-use parking_lot::Mutex;
+use hyper_util::rt::TokioExecutor;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use wasmgate_dataplane::*;
-use wasmgate_runtime::{PluginConfig, Runtime, RuntimeConfig, VmConfig};
-
-fn plugin_bytes(name: &str) -> Vec<u8> {
-    let path = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join(format!(
-        "../../plugins/target/wasm32-wasip1/release/{name}.wasm"
-    ));
-    std::fs::read(&path).unwrap_or_else(|e| {
-        panic!(
-            "{} is missing ({e}); run scripts/build-plugins.sh",
-            path.display()
-        )
-    })
-}
-
-fn runtime() -> Arc<Runtime> {
-    let cache_dir =
-        PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../target/wasmgate-test-cache");
-    Runtime::new(RuntimeConfig {
-        cache_dir: Some(cache_dir),
-        ..Default::default()
-    })
-    .unwrap()
-}
-
-/// What the upstream saw.
-#[derive(Debug, Clone)]
-struct Seen {
-    path: String,
-    headers: http::HeaderMap,
-    body: Bytes,
-    #[allow(dead_code)]
-    trailers: Option<http::HeaderMap>,
-}
-
-struct Upstream {
-    address: SocketAddr,
-    seen: Arc<Mutex<Vec<Seen>>>,
-}
-
-/// A real HTTP server on 127.0.0.1:0. `/auth` answers "allowed"; `/slow` waits 2 s; `/chunks`
-/// streams three chunks; everything else echoes the request body with `x-upstream-secret` set.
-async fn upstream() -> Upstream {
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let address = listener.local_addr().unwrap();
-    let seen = Arc::new(Mutex::new(Vec::new()));
-    let record = seen.clone();
-    tokio::spawn(async move {
-        loop {
-            let Ok((stream, _)) = listener.accept().await else {
-                return;
-            };
-            let record = record.clone();
-            tokio::spawn(async move {
-                let service = service_fn(move |request: Request<Incoming>| {
-                    let record = record.clone();
-                    async move {
-                        let (parts, body) = request.into_parts();
-                        let collected = body.collect().await.unwrap();
-                        let trailers = collected.trailers().cloned();
-                        let body = collected.to_bytes();
-                        let path = parts.uri.path().to_owned();
-                        record.lock().push(Seen {
-                            path: path.clone(),
-                            headers: parts.headers,
-                            body: body.clone(),
-                            trailers,
-                        });
-                        let response = match path.as_str() {
-                            "/auth" => Response::builder()
-                                .status(200)
-                                .body(boxed(Full::new(Bytes::from("allowed")))),
-                            "/slow" => {
-                                tokio::time::sleep(Duration::from_secs(2)).await;
-                                Response::builder()
-                                    .status(200)
-                                    .body(boxed(Full::new(Bytes::from("late"))))
-                            }
-                            "/chunks" => Response::builder()
-                                .status(200)
-                                .body(boxed(Chunks::new(&["one-", "two-", "three"]))),
-                            _ => Response::builder()
-                                .status(200)
-                                .header("x-upstream-secret", "s3cret")
-                                .header("content-type", "text/plain")
-                                .body(boxed(Full::new(body))),
-                        };
-                        Ok::<_, Infallible>(response.unwrap())
-                    }
-                });
-                let _ = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new())
-                    .serve_connection(TokioIo::new(stream), service)
-                    .await;
-            });
-        }
-    });
-    Upstream { address, seen }
-}
-
-type TestBody = http_body_util::combinators::BoxBody<Bytes, Infallible>;
-
-fn boxed<B>(body: B) -> TestBody
-where
-    B: http_body::Body<Data = Bytes, Error = Infallible> + Send + Sync + 'static,
-{
-    body.boxed()
-}
-
-/// A body of separate chunks, each its own frame.
-struct Chunks(std::collections::VecDeque<Bytes>);
-
-impl Chunks {
-    fn new(chunks: &[&str]) -> Self {
-        Self(chunks.iter().map(|c| Bytes::from(c.to_string())).collect())
-    }
-}
-
-impl http_body::Body for Chunks {
-    type Data = Bytes;
-    type Error = Infallible;
-
-    fn poll_frame(
-        mut self: std::pin::Pin<&mut Self>,
-        _cx: &mut std::task::Context<'_>,
-    ) -> std::task::Poll<Option<Result<Frame<Bytes>, Infallible>>> {
-        std::task::Poll::Ready(self.0.pop_front().map(|chunk| Ok(Frame::data(chunk))))
-    }
-}
-
-fn filter(
-    name: &str,
-    runtime: &Runtime,
-    wasm: &str,
-    configuration: &str,
-    policy: FailurePolicy,
-) -> FilterSpec {
-    FilterSpec {
-        name: name.into(),
-        module: runtime.load(&plugin_bytes(wasm)).unwrap(),
-        vm: VmConfig {
-            vm_id: name.into(),
-            ..Default::default()
-        },
-        plugin: PluginConfig {
-            name: name.into(),
-            root_id: String::new(),
-            configuration: configuration.as_bytes().to_vec(),
-        },
-        failure_policy: policy,
-    }
-}
-
-fn route(prefix: &str, cluster: &str) -> RouteSpec {
-    RouteSpec {
-        name: format!("route{prefix}"),
-        domains: vec![],
-        path: PathMatch::Prefix(prefix.into()),
-        action: RouteAction::Cluster(cluster.into()),
-        timeout: None,
-    }
-}
-
-struct Gateway {
-    handle: Option<GatewayHandle>,
-    address: SocketAddr,
-    runtime: Arc<Runtime>,
-}
-
-impl Drop for Gateway {
-    fn drop(&mut self) {
-        if let Some(handle) = self.handle.take() {
-            handle.shutdown();
-        }
-    }
-}
-
-fn cluster(name: &str, address: SocketAddr) -> ClusterSpec {
-    ClusterSpec {
-        name: name.into(),
-        endpoints: vec![address.to_string()],
-        connect_timeout: Duration::from_secs(1),
-        request_timeout: Some(Duration::from_millis(500)),
-        http2: false,
-    }
-}
+use wasmgate_runtime::Runtime;
 
 /// A gateway with one listener on port 0 whose chain is `filters`, routing `/` to the upstream.
 fn gateway(
@@ -215,25 +30,13 @@ fn gateway(
     routes.push(route("/", "upstream"));
     let spec = GatewaySpec {
         workers: 2,
-        listeners: vec![ListenerSpec {
-            name: "main".into(),
-            address: "127.0.0.1:0".parse().unwrap(),
-            routes,
-            filters,
-            limits,
-        }],
+        listeners: vec![listener(routes, filters, limits)],
         clusters: vec![
             cluster("upstream", upstream),
             cluster("upstream_cluster", upstream),
         ],
     };
-    let handle = start(runtime.clone(), spec, Arc::new(GatewayStats::default())).unwrap();
-    let address = handle.address("main").unwrap();
-    Gateway {
-        handle: Some(handle),
-        address,
-        runtime,
-    }
+    Gateway::start(runtime, spec)
 }
 
 fn client(http2: bool) -> Client<HttpConnector, Full<Bytes>> {
@@ -273,16 +76,6 @@ fn post(
     request
 }
 
-fn kitchen(runtime: &Runtime) -> FilterSpec {
-    filter(
-        "kitchen",
-        runtime,
-        "test_kitchen_sink",
-        "",
-        FailurePolicy::FailClosed,
-    )
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn headers_pass_the_plugin_both_ways_over_http1_and_http2() {
     let up = upstream().await;
@@ -315,6 +108,24 @@ async fn headers_pass_the_plugin_both_ways_over_http1_and_http2() {
         assert_eq!(seen.headers["x-kitchen-eos"], "true");
         assert_eq!(seen.headers["x-forwarded-proto"], "http");
     }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn without_plugins_requests_pass_straight_through() {
+    let up = upstream().await;
+    let gw = gateway(up.address, runtime(), vec![], Limits::default(), vec![]);
+    for http2 in [false, true] {
+        let (parts, body) = tokio::time::timeout(
+            Duration::from_secs(10),
+            send(&client(http2), post(gw.address, "/plain", &[], "body")),
+        )
+        .await
+        .expect("an empty chain answers");
+        assert_eq!(parts.status, 200);
+        assert_eq!(parts.headers["x-upstream-secret"], "s3cret");
+        assert_eq!(body, "body");
+    }
+    assert_eq!(up.seen.lock().len(), 2);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -490,13 +301,11 @@ async fn routes_direct_responses_and_missing_routes() {
     };
     let spec = GatewaySpec {
         workers: 1,
-        listeners: vec![ListenerSpec {
-            name: "main".into(),
-            address: "127.0.0.1:0".parse().unwrap(),
-            routes: vec![direct, other_host, route("/api", "upstream")],
-            filters: vec![kitchen(&runtime)],
-            limits: Limits::default(),
-        }],
+        listeners: vec![listener(
+            vec![direct, other_host, route("/api", "upstream")],
+            vec![kitchen(&runtime)],
+            Limits::default(),
+        )],
         clusters: vec![
             cluster("upstream", up.address),
             cluster("upstream_cluster", up.address),
@@ -536,13 +345,11 @@ async fn upstream_refused_is_503_and_timeout_is_504() {
         .unwrap();
     let spec = GatewaySpec {
         workers: 1,
-        listeners: vec![ListenerSpec {
-            name: "main".into(),
-            address: "127.0.0.1:0".parse().unwrap(),
-            routes: vec![route("/refused", "nowhere"), route("/", "upstream")],
-            filters: vec![],
-            limits: Limits::default(),
-        }],
+        listeners: vec![listener(
+            vec![route("/refused", "nowhere"), route("/", "upstream")],
+            vec![],
+            Limits::default(),
+        )],
         clusters: vec![cluster("upstream", up.address), cluster("nowhere", closed)],
     };
     let handle = start(runtime, spec, Arc::new(GatewayStats::default())).unwrap();

@@ -1,11 +1,18 @@
 //! The `wasmgate` binary: CLI verbs wired to the crates.
 
+mod gateway;
 mod plugin_run;
+mod quickstart;
 
+use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::process::ExitCode;
+use std::sync::Arc;
 
+use anyhow::Context;
 use clap::{Parser, Subcommand};
+use tracing_subscriber::prelude::*;
+use tracing_subscriber::{EnvFilter, reload};
 
 #[derive(Parser)]
 #[command(
@@ -14,8 +21,9 @@ use clap::{Parser, Subcommand};
     about = "A Proxy-Wasm gateway and plugin toolkit"
 )]
 struct Cli {
-    /// Log filter for Wasmgate's own logs (tracing syntax), e.g. `info` or `wasm=debug`.
-    #[arg(long, global = true, default_value = "warn", env = "WASMGATE_LOG")]
+    /// Log filter for Wasmgate's own logs (tracing syntax), e.g. `info` or `wasmgate_dataplane=debug`.
+    /// Plugin logs are governed by their own level (admin `/logging?wasm=LEVEL`).
+    #[arg(long, global = true, default_value = "info", env = "WASMGATE_LOG")]
     log: String,
     #[command(subcommand)]
     command: Command,
@@ -23,6 +31,24 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
+    /// Run the gateway. Without --config: the built-in quickstart (basic-auth in front of a demo page).
+    Run {
+        /// The gateway configuration (YAML).
+        #[arg(long)]
+        config: Option<PathBuf>,
+        /// Quickstart only: where to listen.
+        #[arg(long, default_value = "127.0.0.1:8080")]
+        listen: SocketAddr,
+        /// Quickstart only: the admin address.
+        #[arg(long, default_value = "127.0.0.1:15000")]
+        admin: SocketAddr,
+    },
+    /// Check gateway configuration files without starting anything.
+    Validate {
+        /// Gateway configuration files.
+        #[arg(required = true)]
+        files: Vec<PathBuf>,
+    },
     /// Work with plugin modules.
     Plugin {
         #[command(subcommand)]
@@ -41,15 +67,34 @@ enum PluginCommand {
     },
 }
 
+type FilterHandle = reload::Handle<EnvFilter, tracing_subscriber::Registry>;
+
+fn init_logging(filter: &str) -> FilterHandle {
+    // Plugin lines pass through here unfiltered: the runtime's own level decides which it emits.
+    let filter = EnvFilter::try_new(format!("{filter},wasm=trace"))
+        .unwrap_or_else(|_| EnvFilter::new("info,wasm=trace"));
+    let (layer, handle) = reload::Layer::new(filter);
+    tracing_subscriber::registry()
+        .with(layer)
+        .with(
+            tracing_subscriber::fmt::layer()
+                .with_writer(std::io::stderr)
+                .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr())),
+        )
+        .init();
+    handle
+}
+
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_new(&cli.log).unwrap_or_else(|_| "warn".into()),
-        )
-        .with_writer(std::io::stderr)
-        .init();
+    let filter = init_logging(&cli.log);
     let result = match cli.command {
+        Command::Run {
+            config,
+            listen,
+            admin,
+        } => run(config, listen, admin, filter),
+        Command::Validate { files } => validate(&files),
         Command::Plugin {
             command: PluginCommand::Run(args),
         } => plugin_run::run(*args),
@@ -64,4 +109,55 @@ fn main() -> ExitCode {
             ExitCode::FAILURE
         }
     }
+}
+
+fn run(
+    config: Option<PathBuf>,
+    listen: SocketAddr,
+    admin: SocketAddr,
+    filter: FilterHandle,
+) -> anyhow::Result<ExitCode> {
+    let runtime = gateway::new_runtime()?;
+    let config = match config {
+        Some(path) => wasmgate_config::GatewayConfig::load(&path)
+            .map_err(|errors| anyhow::anyhow!("{errors}"))?,
+        None => {
+            let plugin = quickstart::basic_auth_module()?;
+            let upstream = quickstart::start_demo_upstream()?;
+            let yaml = quickstart::config_yaml(listen, admin, upstream, &plugin);
+            let config = wasmgate_config::GatewayConfig::from_yaml_str(&yaml, "<quickstart>")
+                .map_err(|e| anyhow::anyhow!("{e}"))
+                .context("the built-in quickstart configuration")?;
+            println!(
+                "Wasmgate quickstart: basic-auth guards http://{listen}/productpage (try: curl -u ok:test http://{listen}/productpage)"
+            );
+            config
+        }
+    };
+    let prepared = gateway::prepare(&config, &runtime)?;
+    let set_filter: wasmgate_dataplane::LogFilterSetter = Arc::new(move |level: &str| {
+        let replacement =
+            EnvFilter::try_new(format!("{level},wasm=trace")).map_err(|e| e.to_string())?;
+        filter.reload(replacement).map_err(|e| e.to_string())
+    });
+    gateway::serve(runtime, prepared, Some(set_filter))?;
+    Ok(ExitCode::SUCCESS)
+}
+
+fn validate(files: &[PathBuf]) -> anyhow::Result<ExitCode> {
+    let mut failed = false;
+    for file in files {
+        match wasmgate_config::GatewayConfig::load(file) {
+            Ok(_) => println!("{}: ok", file.display()),
+            Err(errors) => {
+                failed = true;
+                eprintln!("{errors}");
+            }
+        }
+    }
+    Ok(if failed {
+        ExitCode::FAILURE
+    } else {
+        ExitCode::SUCCESS
+    })
 }

@@ -1,0 +1,384 @@
+//! The release interface end to end: `wasmgate run` from a config file and as the quickstart,
+//! config errors, `validate`, and a graceful shutdown on SIGTERM.
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::{SocketAddr, TcpStream};
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+fn wasmgate() -> Command {
+    let mut command = Command::new(env!("CARGO_BIN_EXE_wasmgate"));
+    command.env(
+        "WASMGATE_CACHE_DIR",
+        repo().join("target/wasmgate-test-cache"),
+    );
+    command
+}
+
+fn repo() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../..")
+}
+
+fn plugin(name: &str) -> PathBuf {
+    let path = repo().join(format!("plugins/target/wasm32-wasip1/release/{name}.wasm"));
+    assert!(
+        path.is_file(),
+        "{} is missing; run scripts/build-plugins.sh",
+        path.display()
+    );
+    std::fs::canonicalize(path).unwrap()
+}
+
+/// A running gateway process, killed on drop.
+struct Running {
+    child: Child,
+    listeners: Vec<(String, SocketAddr)>,
+    admin: SocketAddr,
+}
+
+impl Drop for Running {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Running {
+    fn listener(&self, name: &str) -> SocketAddr {
+        self.listeners
+            .iter()
+            .find(|(n, _)| n == name)
+            .map(|(_, a)| *a)
+            .expect("listener printed")
+    }
+
+    fn terminate(&mut self) -> std::process::ExitStatus {
+        let status = Command::new("kill")
+            .arg("-TERM")
+            .arg(self.child.id().to_string())
+            .status()
+            .unwrap();
+        assert!(status.success());
+        self.child.wait().unwrap()
+    }
+}
+
+/// Starts `wasmgate` with `args` and reads the addresses it prints once ready.
+fn start(args: &[&str]) -> Running {
+    let mut child = wasmgate()
+        .args(args)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::inherit())
+        .spawn()
+        .unwrap();
+    let stdout = child.stdout.take().unwrap();
+    let mut lines = BufReader::new(stdout).lines();
+    let mut listeners = Vec::new();
+    let admin = loop {
+        let line = lines
+            .next()
+            .expect("wasmgate printed its addresses")
+            .unwrap();
+        if let Some(rest) = line.strip_prefix("listener ") {
+            let (name, address) = rest.split_once(" on ").unwrap();
+            listeners.push((name.to_owned(), address.parse().unwrap()));
+        } else if let Some(address) = line.strip_prefix("admin on ") {
+            break address.parse().unwrap();
+        }
+    };
+    std::thread::spawn(move || for _ in lines {});
+    Running {
+        child,
+        listeners,
+        admin,
+    }
+}
+
+/// One HTTP/1.1 request with `connection: close`; returns (status, headers+body text).
+fn http(address: SocketAddr, request: &str) -> (u16, String) {
+    let mut stream = TcpStream::connect(address).unwrap();
+    stream
+        .set_read_timeout(Some(Duration::from_secs(10)))
+        .unwrap();
+    stream.write_all(request.as_bytes()).unwrap();
+    let mut answer = String::new();
+    stream.read_to_string(&mut answer).unwrap();
+    let status = answer
+        .split(' ')
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(0);
+    (status, answer)
+}
+
+fn get(address: SocketAddr, path: &str, extra: &str) -> (u16, String) {
+    http(
+        address,
+        &format!("GET {path} HTTP/1.1\r\nhost: localhost\r\nconnection: close\r\n{extra}\r\n"),
+    )
+}
+
+/// A plain upstream on a thread: answers every request 200 "upstream says hi" after `delay`.
+fn upstream(delay: Duration) -> SocketAddr {
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let address = listener.local_addr().unwrap();
+    std::thread::spawn(move || {
+        for stream in listener.incoming() {
+            let Ok(mut stream) = stream else { continue };
+            std::thread::spawn(move || {
+                let mut buffer = [0u8; 4096];
+                let mut request = Vec::new();
+                while !request.windows(4).any(|w| w == b"\r\n\r\n") {
+                    match stream.read(&mut buffer) {
+                        Ok(0) | Err(_) => return,
+                        Ok(n) => request.extend_from_slice(&buffer[..n]),
+                    }
+                }
+                std::thread::sleep(delay);
+                let body = "upstream says hi";
+                let _ = write!(
+                    stream,
+                    "HTTP/1.1 200 OK\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}",
+                    body.len()
+                );
+            });
+        }
+    });
+    address
+}
+
+fn write_config(dir: &tempfile::TempDir, yaml: &str) -> PathBuf {
+    let path = dir.path().join("gateway.yaml");
+    std::fs::write(&path, yaml).unwrap();
+    path
+}
+
+fn config_with(upstream: SocketAddr, filters: &str) -> String {
+    format!(
+        r#"workers: 2
+admin: 127.0.0.1:0
+listeners:
+  - name: main
+    address: 127.0.0.1:0
+    http_filters:
+{filters}
+    routes:
+      - match: {{ path: /healthz }}
+        direct_response: {{ status: 200, body: "healthy" }}
+      - match: {{ prefix: / }}
+        cluster: upstream
+clusters:
+  - name: upstream
+    endpoints: [{upstream}]
+"#
+    )
+}
+
+#[test]
+fn run_serves_a_config_file_with_envoy_style_filters() {
+    let dir = tempfile::tempdir().unwrap();
+    let filters = format!(
+        r#"      - name: add-header
+        root_id: ""
+        configuration: {{ name: x-added, value: yes, side: both }}
+        vm_config: {{ vm_id: v1, runtime: envoy.wasm.runtime.v8, code: {{ local: {{ filename: {} }} }} }}"#,
+        plugin("add_header").display()
+    );
+    let config = write_config(&dir, &config_with(upstream(Duration::ZERO), &filters));
+    let mut gateway = start(&["run", "--config", config.to_str().unwrap()]);
+    let main = gateway.listener("main");
+    let (status, answer) = get(main, "/", "");
+    assert_eq!(status, 200, "{answer}");
+    assert!(
+        answer.contains("x-added: yes"),
+        "a map configuration reached the plugin as JSON: {answer}"
+    );
+    assert!(answer.ends_with("upstream says hi"));
+    let (status, answer) = get(main, "/healthz", "");
+    assert_eq!(
+        (status, answer.ends_with("healthy")),
+        (200, true),
+        "{answer}"
+    );
+    let (status, ready) = get(gateway.admin, "/ready", "");
+    assert_eq!((status, ready.ends_with("LIVE\n")), (200, true));
+    let (_, stats) = get(gateway.admin, "/stats/prometheus", "");
+    assert!(
+        stats.contains("wasmgate_http_responses_total{class=\"2xx\"} 2"),
+        "{stats}"
+    );
+    assert!(
+        stats.contains("wasmgate_plugin_vms{plugin=\"add-header\"} 2"),
+        "one VM per worker: {stats}"
+    );
+    let (_, dump) = get(gateway.admin, "/config_dump", "");
+    assert!(dump.contains("\"add-header\""), "{dump}");
+    let (_, plugins) = get(gateway.admin, "/plugins", "");
+    assert!(
+        plugins.contains("\"sha256\"") && plugins.contains("\"loaded\""),
+        "{plugins}"
+    );
+    let (status, _) = http(
+        gateway.admin,
+        "POST /logging?wasm=debug HTTP/1.1\r\nhost: a\r\nconnection: close\r\ncontent-length: 0\r\n\r\n",
+    );
+    assert_eq!(status, 200);
+    let (_, logging) = get(gateway.admin, "/logging", "");
+    assert!(logging.contains("wasm: debug"), "{logging}");
+    let status = gateway.terminate();
+    assert!(status.success(), "SIGTERM is a clean exit: {status}");
+}
+
+#[test]
+fn quickstart_guards_the_product_page_with_basic_auth() {
+    let mut gateway = start(&["run", "--listen", "127.0.0.1:0", "--admin", "127.0.0.1:0"]);
+    let address = gateway.listener("quickstart");
+    let (status, answer) = get(address, "/productpage", "");
+    assert_eq!(status, 401, "{answer}");
+    assert!(
+        answer.contains("www-authenticate: Basic realm=istio"),
+        "{answer}"
+    );
+    // ok:test and admin3:admin3, as base64.
+    let (status, answer) = get(
+        address,
+        "/productpage",
+        "authorization: Basic b2s6dGVzdA==\r\n",
+    );
+    assert_eq!(status, 200, "{answer}");
+    assert!(answer.contains("The Comedy of Errors"));
+    let post = "POST /productpage HTTP/1.1\r\nhost: a\r\nconnection: close\r\ncontent-length: 0\r\nauthorization: Basic YWRtaW4zOmFkbWluMw==\r\n\r\n";
+    assert_eq!(http(address, post).0, 200);
+    let (status, answer) = get(
+        address,
+        "/productpage",
+        "authorization: Basic b2s6d3Jvbmc=\r\n",
+    );
+    assert_eq!(status, 401);
+    assert!(
+        answer.ends_with("User name or password is invalid."),
+        "{answer}"
+    );
+    assert!(gateway.terminate().success());
+}
+
+#[test]
+fn sigterm_lets_requests_in_flight_finish() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = write_config(
+        &dir,
+        &config_with(upstream(Duration::from_millis(800)), "      []")
+            .replace("    http_filters:\n      []", "    http_filters: []"),
+    );
+    let mut gateway = start(&["run", "--config", config.to_str().unwrap()]);
+    let main = gateway.listener("main");
+    let in_flight = std::thread::spawn(move || get(main, "/slow", ""));
+    // Wait until the request is in the gateway (the upstream holds it for 800 ms).
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    loop {
+        let (_, stats) = get(gateway.admin, "/stats/prometheus", "");
+        if stats.contains("wasmgate_active_connections 1") || std::time::Instant::now() > deadline {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let status = gateway.terminate();
+    let (code, answer) = in_flight.join().unwrap();
+    assert_eq!(code, 200, "the request in flight finished: {answer}");
+    assert!(status.success());
+}
+
+fn run_expecting_failure(yaml: &str) -> String {
+    let dir = tempfile::tempdir().unwrap();
+    let config = write_config(&dir, yaml);
+    let output = wasmgate()
+        .args(["run", "--config", config.to_str().unwrap()])
+        .output()
+        .unwrap();
+    assert!(!output.status.success(), "start-up must fail");
+    let stderr = String::from_utf8_lossy(&output.stderr).into_owned();
+    assert!(
+        stderr.contains("gateway.yaml"),
+        "the file is named: {stderr}"
+    );
+    stderr
+}
+
+#[test]
+fn config_errors_stop_start_up_with_file_field_and_reason() {
+    let up = upstream(Duration::ZERO);
+    let unknown_cluster = config_with(up, "      []")
+        .replace("cluster: upstream\n", "cluster: nowhere\n")
+        .replace("    http_filters:\n      []", "    http_filters: []");
+    let stderr = run_expecting_failure(&unknown_cluster);
+    assert!(
+        stderr.contains("listeners[0].routes[1].cluster") && stderr.contains("nowhere"),
+        "{stderr}"
+    );
+
+    let missing_file = config_with(
+        up,
+        "      - name: f\n        vm_config: { code: { local: { filename: /does/not/exist.wasm } } }",
+    );
+    let stderr = run_expecting_failure(&missing_file);
+    assert!(
+        stderr.contains("http_filters[0]") && stderr.contains("/does/not/exist.wasm"),
+        "{stderr}"
+    );
+
+    let bad_address = config_with(up, "      []")
+        .replace("address: 127.0.0.1:0", "address: not-an-address")
+        .replace("    http_filters:\n      []", "    http_filters: []");
+    let stderr = run_expecting_failure(&bad_address);
+    assert!(
+        stderr.contains("listeners[0].address") && stderr.contains("not-an-address"),
+        "{stderr}"
+    );
+
+    // A plugin that rejects its configuration stops start-up and says which.
+    let rejecting = config_with(
+        up,
+        &format!(
+            "      - name: strict\n        configuration: \"not json\"\n        vm_config: {{ code: {{ local: {{ filename: {} }} }} }}",
+            plugin("add_header").display()
+        ),
+    );
+    let dir = tempfile::tempdir().unwrap();
+    let config = write_config(&dir, &rejecting);
+    let output = wasmgate()
+        .args(["run", "--config", config.to_str().unwrap()])
+        .output()
+        .unwrap();
+    assert!(!output.status.success());
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(
+        stderr.contains("strict") && stderr.contains("proxy_on_configure"),
+        "{stderr}"
+    );
+}
+
+#[test]
+fn validate_checks_files_offline() {
+    let dir = tempfile::tempdir().unwrap();
+    let good = write_config(
+        &dir,
+        &config_with("127.0.0.1:9".parse().unwrap(), "      []")
+            .replace("    http_filters:\n      []", "    http_filters: []"),
+    );
+    let output = wasmgate().arg("validate").arg(&good).output().unwrap();
+    assert!(
+        output.status.success(),
+        "{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    let bad = dir.path().join("bad.yaml");
+    std::fs::write(&bad, "workers: 0\nlisteners: []\nclustrs: []\n").unwrap();
+    let output = wasmgate().arg("validate").arg(&bad).output().unwrap();
+    assert!(!output.status.success());
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(
+        stderr.contains("bad.yaml") && stderr.contains("clustrs"),
+        "{stderr}"
+    );
+}
