@@ -39,7 +39,7 @@ import urllib.error
 import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Optional, Any, Callable
 
 ROOT = Path(__file__).resolve().parents[2]
 HOST = "differential.test"  # the Host header of every client request: the same for both proxies
@@ -409,6 +409,10 @@ class Case:
     request: Request
     expect: list[Check]
     note: str = ""
+    # A deliberate difference from Envoy: the reason, and what Wasmgate must do instead. The two
+    # proxies are then not compared, but each is held to its own expectations.
+    divergence: str = ""
+    wasmgate_expect: Optional[list[Check]] = None
 
 
 def hexs(text: str) -> str:
@@ -580,17 +584,27 @@ def build_cases() -> list[Case]:
              Request("POST", "/echo", mode("response-body"), b"echoed"),
              [status(200), resp_header("content-length", "6"), body(b"echoed"), up_body(0, b"echoed")],
              note="Envoy quirk: headers (content-length: 6) leave before the body callback pauses, so the "
-                  "16-byte rewrite is cut to 6 on the wire"),
+                  "16-byte rewrite is cut to 6 on the wire",
+             divergence="Wasmgate holds the head until the body passes the chain, so a rewritten body goes out whole "
+                        "with its true length",
+             wasmgate_expect=[status(200), resp_header("content-length", "16"), body(b"echoed [kitchen]"),
+                              up_body(0, b"echoed")]),
         Case("kitchen-request-body-over-buffer-limit", kitchen,
              Request("POST", "/echo", mode("buffer-body"), big * 40),
              [status(413), body(b"Payload Too Large"), resp_header("x-kitchen-status", "413"),
               upstream_count(1), up_aborted(0), up_body(0, b"")],
              note="2.5 MiB buffered by a plugin, over the 1 MiB default: 413, after the headers already went "
-                  "upstream (that request is then reset)"),
+                  "upstream (that request is then reset)",
+             divergence="Wasmgate contacts the upstream only once body bytes pass the chain, so the upstream never "
+                        "sees a request that is then reset",
+             wasmgate_expect=[status(413), body(b"Payload Too Large"), resp_header("x-kitchen-status", "413"),
+                              upstream_count(0)]),
         Case("kitchen-response-body-over-buffer-limit", kitchen,
              Request("GET", "/bytes/2097152", mode("response-body")),
              [status(200), cut_short(), upstream_count(1)],
-             note="2 MiB response buffered by a plugin: the 200 headers are already out, so the stream is reset"),
+             note="2 MiB response buffered by a plugin: the 200 headers are already out, so the stream is reset",
+             divergence="Wasmgate's head waits for the body, so the client gets a clean 500 instead of a 200 cut short",
+             wasmgate_expect=[status(500), upstream_count(1)]),
 
         # -- kitchen sink: properties (the value comes back hex-encoded).
         Case("kitchen-property-request-path", kitchen,
@@ -635,7 +649,10 @@ def build_cases() -> list[Case]:
              Request("GET", "/", mode("property", ("x-property-path", "plugin_vm_id"))),
              [status(200), up_header(0, "x-kitchen-property", hexs("kitchen-vm"))]),
         Case("kitchen-set-property-readback", kitchen, Request("GET", "/", mode("set-property")),
-             [status(200), upstream_count(1)]),
+             [status(200), upstream_count(1)],
+             divergence="Envoy keeps a set property in filter state under another name and reads it back as "
+                        "nothing; Wasmgate reads back what the plugin set",
+             wasmgate_expect=[status(200), upstream_count(1), up_header(0, "x-kitchen-prop-readback", "v1")]),
         Case("kitchen-foreign-function-unknown", kitchen, Request("GET", "/", mode("foreign")),
              [status(200), upstream_count(1)],
              note="kitchen_echo is no Envoy foreign function"),
@@ -1080,16 +1097,20 @@ def main() -> int:
                     for pname, result in results.items():
                         if result.status == 0:
                             problems.append(f"{pname}: request failed: {result.header('x-differential-error')}")
-                        problems += [f"{pname}: {msg}" for check in case.expect if (msg := check(result))]
+                        checks = case.expect
+                        if pname == "wasmgate" and case.wasmgate_expect is not None:
+                            checks = case.wasmgate_expect
+                        problems += [f"{pname}: {msg}" for check in checks if (msg := check(result))]
                     diff: list[str] = []
-                    if "wasmgate" in results:
+                    if "wasmgate" in results and not case.divergence:
                         diff = list(difflib.unified_diff(results["envoy"].canonical(), results["wasmgate"].canonical(),
                                                          "envoy", "wasmgate", lineterm="", n=2))
                         diff += content_length_diff(results["envoy"], results["wasmgate"], "wasmgate")
                     ok = not problems and not diff
                     passed += ok
                     failed += not ok
-                    print(f"{'PASS' if ok else 'FAIL'} {case.name} ({time.monotonic() - case_started:.2f} s)")
+                    print(f"{'PASS' if ok else 'FAIL'} {case.name} ({time.monotonic() - case_started:.2f} s)"
+                          + (f" [deliberate divergence: {case.divergence}]" if case.divergence and "wasmgate" in results else ""))
                     for msg in problems:
                         print(f"    expectation: {msg}")
                     for line in diff:
