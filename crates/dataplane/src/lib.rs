@@ -8,6 +8,7 @@ mod body;
 mod chain;
 mod convert;
 mod host;
+mod idle;
 mod proxy;
 mod server;
 mod spec;

@@ -22,6 +22,7 @@ use tokio_rustls::TlsAcceptor;
 use wasmgate_runtime::{Runtime, VmError};
 
 use crate::chain::Plugin;
+use crate::idle::{Activity, IdleIo};
 use crate::proxy::{ConnInfo, ListenerState, handle};
 use crate::spec::GatewaySpec;
 use crate::stats::GatewayStats;
@@ -421,7 +422,21 @@ async fn serve<I>(
     I: AsyncRead + AsyncWrite + Unpin + 'static,
 {
     let conn = Rc::new(conn);
-    let service = service_fn(move |request| handle(state.clone(), conn.clone(), request));
+    let activity = Activity::new();
+    let io = TokioIo::new(IdleIo::new(
+        io.into_inner(),
+        activity.clone(),
+        state.spec.limits.idle_timeout,
+    ));
+    let service = service_fn(move |request| {
+        let guard = activity.request();
+        let response = handle(state.clone(), conn.clone(), request);
+        async move {
+            let response = response.await;
+            drop(guard);
+            response
+        }
+    });
     let connection = builder.serve_connection(io, service).into_owned();
     // Gone once the worker drains: a connection that finished its handshake too late closes.
     let Some(graceful) = graceful.upgrade() else {

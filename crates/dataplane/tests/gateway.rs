@@ -499,3 +499,71 @@ async fn keep_alive_connections_are_reused() {
     );
     let _ = &gw.runtime;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_slow_client_is_cut_off_by_the_header_read_timeout() {
+    let up = upstream().await;
+    let runtime = runtime();
+    let limits = Limits {
+        header_read_timeout: Duration::from_millis(300),
+        ..Limits::default()
+    };
+    let gw = gateway(up.address, runtime, vec![], limits, vec![]);
+    let mut slow = tokio::net::TcpStream::connect(gw.address).await.unwrap();
+    slow.write_all(b"GET / HTTP/1.1\r\nhost: a\r\n")
+        .await
+        .unwrap();
+    let started = std::time::Instant::now();
+    let mut answer = Vec::new();
+    let read = tokio::time::timeout(Duration::from_secs(5), slow.read_to_end(&mut answer)).await;
+    assert!(read.is_ok(), "the gateway closed the connection");
+    assert!(
+        started.elapsed() < Duration::from_secs(3),
+        "closed near the 300 ms timeout"
+    );
+    let text = String::from_utf8_lossy(&answer);
+    assert!(
+        text.is_empty() || text.starts_with("HTTP/1.1 408"),
+        "{text}"
+    );
+    assert!(up.seen.lock().is_empty());
+    // The listener goes on serving others.
+    let (parts, _) = send(&client(false), get(gw.address, "/", &[])).await;
+    assert_eq!(parts.status, 200);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn idle_connections_are_closed_but_busy_ones_are_not() {
+    let up = upstream().await;
+    let runtime = runtime();
+    let limits = Limits {
+        idle_timeout: Duration::from_millis(300),
+        ..Limits::default()
+    };
+    let mut slow_cluster = cluster("upstream", up.address);
+    slow_cluster.request_timeout = Some(Duration::from_secs(5));
+    let spec = GatewaySpec {
+        workers: 1,
+        listeners: vec![listener(vec![route("/", "upstream")], vec![], limits)],
+        clusters: vec![slow_cluster],
+    };
+    let gw = Gateway::start(runtime, spec);
+    // A request that waits on the upstream longer than the idle timeout still completes.
+    let mut stream = tokio::net::TcpStream::connect(gw.address).await.unwrap();
+    stream
+        .write_all(b"GET /slow HTTP/1.1\r\nhost: a\r\n\r\n")
+        .await
+        .unwrap();
+    let mut buffer = vec![0u8; 4096];
+    let n = stream.read(&mut buffer).await.unwrap();
+    let text = String::from_utf8_lossy(&buffer[..n]).into_owned();
+    assert!(text.starts_with("HTTP/1.1 200"), "{text}");
+    // Then, with nothing in flight, the connection is closed after the idle timeout.
+    let started = std::time::Instant::now();
+    let closed = tokio::time::timeout(Duration::from_secs(5), stream.read(&mut buffer)).await;
+    assert!(
+        matches!(closed, Ok(Ok(0))),
+        "the idle connection was closed: {closed:?}"
+    );
+    assert!(started.elapsed() < Duration::from_secs(3));
+}

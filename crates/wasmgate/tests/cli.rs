@@ -382,3 +382,78 @@ fn validate_checks_files_offline() {
         "{stderr}"
     );
 }
+
+#[test]
+fn wasm_plugin_manifests_join_the_chain_in_istio_order() {
+    let dir = tempfile::tempdir().unwrap();
+    let plugins = dir.path().join("plugins.d");
+    std::fs::create_dir(&plugins).unwrap();
+    let wasm = plugin("add_header");
+    std::fs::write(
+        plugins.join("order.yaml"),
+        format!(
+            r#"apiVersion: extensions.istio.io/v1alpha1
+kind: WasmPlugin
+metadata:
+  name: unspecified-phase
+spec:
+  url: file://{wasm}
+  pluginConfig: {{ name: x-order, value: unspecified, side: both }}
+---
+apiVersion: extensions.istio.io/v1alpha1
+kind: WasmPlugin
+metadata:
+  name: authn-low
+  namespace: default
+spec:
+  url: file://{wasm}
+  phase: AUTHN
+  priority: 1
+  pluginConfig: {{ name: x-order, value: authn-low, side: both }}
+---
+apiVersion: extensions.istio.io/v1alpha1
+kind: WasmPlugin
+metadata:
+  name: authn-high
+  namespace: default
+spec:
+  url: file://{wasm}
+  phase: AUTHN
+  priority: 10
+  pluginConfig: {{ name: x-order, value: authn-high, side: both }}
+"#,
+            wasm = wasm.display()
+        ),
+    )
+    .unwrap();
+    let filters = format!(
+        "      - name: envoy-filter\n        configuration: '{{\"name\":\"x-order\",\"value\":\"filter\",\"side\":\"both\"}}'\n        vm_config: {{ code: {{ local: {{ filename: {} }} }} }}",
+        wasm.display()
+    );
+    let yaml = format!(
+        "{}plugins_dir: plugins.d\n",
+        config_with(upstream(Duration::ZERO), &filters)
+    );
+    let config = write_config(&dir, &yaml);
+    let mut gateway = start(&["run", "--config", config.to_str().unwrap()]);
+    let (status, answer) = get(gateway.listener("main"), "/", "");
+    assert_eq!(status, 200, "{answer}");
+    let order: Vec<&str> = answer
+        .lines()
+        .filter_map(|l| l.strip_prefix("x-order: "))
+        .map(str::trim)
+        .collect();
+    // Response callbacks run in reverse chain order: the chain is AUTHN by priority, then the
+    // listener's own filters, then plugins without a phase.
+    assert_eq!(
+        order,
+        vec!["unspecified", "filter", "authn-low", "authn-high"],
+        "{answer}"
+    );
+    let (_, plugins) = get(gateway.admin, "/plugins", "");
+    assert!(
+        plugins.contains("authn-high") && plugins.contains("order.yaml"),
+        "{plugins}"
+    );
+    assert!(gateway.terminate().success());
+}
