@@ -76,17 +76,23 @@ fn post(
     request
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn headers_pass_the_plugin_both_ways_over_http1_and_http2() {
+/// A recording upstream and a gateway with the kitchen-sink plugin in front of it.
+async fn kitchen_gateway(limits: Limits) -> (Upstream, Gateway) {
     let up = upstream().await;
     let runtime = runtime();
     let gw = gateway(
         up.address,
         runtime.clone(),
         vec![kitchen(&runtime)],
-        Limits::default(),
+        limits,
         vec![],
     );
+    (up, gw)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn headers_pass_the_plugin_both_ways_over_http1_and_http2() {
+    let (up, gw) = kitchen_gateway(Limits::default()).await;
     for http2 in [false, true] {
         let (parts, body) = send(
             &client(http2),
@@ -130,15 +136,7 @@ async fn without_plugins_requests_pass_straight_through() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn local_reply_short_circuits() {
-    let up = upstream().await;
-    let runtime = runtime();
-    let gw = gateway(
-        up.address,
-        runtime.clone(),
-        vec![kitchen(&runtime)],
-        Limits::default(),
-        vec![],
-    );
+    let (up, gw) = kitchen_gateway(Limits::default()).await;
     let (parts, body) = send(
         &client(false),
         get(gw.address, "/", &[("x-mode", "local-reply")]),
@@ -160,15 +158,7 @@ async fn local_reply_short_circuits() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn http_call_pauses_the_request_until_the_answer() {
-    let up = upstream().await;
-    let runtime = runtime();
-    let gw = gateway(
-        up.address,
-        runtime.clone(),
-        vec![kitchen(&runtime)],
-        Limits::default(),
-        vec![],
-    );
+    let (up, gw) = kitchen_gateway(Limits::default()).await;
     let (parts, _) = send(
         &client(false),
         get(gw.address, "/resource", &[("x-mode", "http-call")]),
@@ -186,15 +176,7 @@ async fn http_call_pauses_the_request_until_the_answer() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn request_body_buffered_and_rewritten_with_a_true_length() {
-    let up = upstream().await;
-    let runtime = runtime();
-    let gw = gateway(
-        up.address,
-        runtime.clone(),
-        vec![kitchen(&runtime)],
-        Limits::default(),
-        vec![],
-    );
+    let (up, gw) = kitchen_gateway(Limits::default()).await;
     let (parts, body) = send(
         &client(false),
         post(
@@ -214,15 +196,7 @@ async fn request_body_buffered_and_rewritten_with_a_true_length() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn response_body_buffered_and_rewritten() {
-    let up = upstream().await;
-    let runtime = runtime();
-    let gw = gateway(
-        up.address,
-        runtime.clone(),
-        vec![kitchen(&runtime)],
-        Limits::default(),
-        vec![],
-    );
+    let (up, gw) = kitchen_gateway(Limits::default()).await;
     for http2 in [false, true] {
         let (parts, body) = send(
             &client(http2),
@@ -472,15 +446,7 @@ async fn raw(address: SocketAddr, bytes: Vec<u8>) -> String {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn keep_alive_connections_are_reused() {
-    let up = upstream().await;
-    let runtime = runtime();
-    let gw = gateway(
-        up.address,
-        runtime.clone(),
-        vec![kitchen(&runtime)],
-        Limits::default(),
-        vec![],
-    );
+    let (up, gw) = kitchen_gateway(Limits::default()).await;
     let mut stream = tokio::net::TcpStream::connect(gw.address).await.unwrap();
     for _ in 0..3 {
         stream
