@@ -196,7 +196,7 @@ async fn request_body_buffered_and_rewritten_with_a_true_length() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn response_body_buffered_and_rewritten() {
-    let (up, gw) = kitchen_gateway(Limits::default()).await;
+    let (_up, gw) = kitchen_gateway(Limits::default()).await;
     for http2 in [false, true] {
         let (parts, body) = send(
             &client(http2),
