@@ -842,6 +842,15 @@ impl Vm {
         let Some(func) = self.callbacks.get(name).copied() else {
             return Ok(None);
         };
+        // The fields are computed only when the span is enabled: nothing is paid when it is off.
+        let _span = tracing::trace_span!(
+            target: "wasm",
+            "callback",
+            plugin = %self.plugin_name(context),
+            context_id = context,
+            callback = name
+        )
+        .entered();
         let typed = func
             .typed::<P, R>(&self.store)
             .map_err(|e| self.trap(name, context, e))?;
