@@ -104,6 +104,29 @@ impl Plugin {
 
     /// Starts the outbound calls the plugin queued during its last callback.
     fn dispatch_calls(self: &Rc<Self>) {
+        let grpc_calls = std::mem::take(&mut self.effects.lock().grpc_calls);
+        for (token, call) in grpc_calls {
+            let plugin = self.clone();
+            tokio::task::spawn_local(async move {
+                let outcome = plugin.upstreams.grpc_call(&call).await;
+                let result = {
+                    let mut vm = plugin.vm.borrow_mut();
+                    match outcome {
+                        Ok(message) => {
+                            let delivered = vm.on_grpc_receive(token, message);
+                            vm.end_grpc_call(token);
+                            delivered
+                        }
+                        Err((status, message)) => vm.on_grpc_close(token, status, &message),
+                    }
+                };
+                if let Err(error) = result {
+                    tracing::warn!(plugin = %plugin.spec.name, "delivering a gRPC response: {error}");
+                }
+                plugin.dispatch_calls();
+                plugin.notify.notify_waiters();
+            });
+        }
         let calls = std::mem::take(&mut self.effects.lock().http_calls);
         for (token, call) in calls {
             let plugin = self.clone();

@@ -17,6 +17,7 @@ pub(crate) struct Effects {
     pub local_replies: HashMap<u32, LocalResponse>,
     pub closed: HashSet<u32>,
     pub http_calls: Vec<(u32, HttpCallRequest)>,
+    pub grpc_calls: Vec<(u32, GrpcCallRequest)>,
 }
 
 /// Shared between a VM's host and the worker that drives the VM. Both live on one worker thread,
@@ -49,11 +50,18 @@ impl Host for GatewayHost {
     fn grpc_call(
         &mut self,
         _context_id: u32,
-        _token: u32,
+        token: u32,
         call: GrpcCallRequest,
     ) -> Result<(), Status> {
-        tracing::warn!(plugin = %self.plugin, service = %call.service, "gRPC calls from plugins are not supported by this gateway yet");
-        Err(Status::InternalFailure)
+        // Envoy takes a cluster name or a serialized GrpcService; a cluster name is what we know.
+        let known =
+            std::str::from_utf8(&call.upstream).is_ok_and(|name| self.clusters.contains(name));
+        if !known {
+            tracing::debug!(plugin = %self.plugin, "grpc_call to an unknown cluster");
+            return Err(Status::ParseFailure);
+        }
+        self.effects.lock().grpc_calls.push((token, call));
+        Ok(())
     }
 
     fn grpc_stream(

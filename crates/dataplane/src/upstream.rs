@@ -13,7 +13,7 @@ use hyper_rustls::HttpsConnector;
 use hyper_util::client::legacy::Client;
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::rt::{TokioExecutor, TokioTimer};
-use wasmgate_abi::HttpCallRequest;
+use wasmgate_abi::{GrpcCallRequest, HeaderMap, HttpCallRequest};
 use wasmgate_runtime::CallOutcome;
 
 use crate::body::GatewayBody;
@@ -193,6 +193,87 @@ impl Upstreams {
                 trailers,
             },
             Err(message) => failure(message),
+        }
+    }
+}
+
+/// The answer to a unary gRPC call: the response message, or a gRPC status and message.
+pub(crate) type GrpcOutcome = Result<Vec<u8>, (u32, String)>;
+
+/// gRPC status codes used when the transport fails before the server answers.
+const GRPC_INTERNAL: u32 = 13;
+const GRPC_UNAVAILABLE: u32 = 14;
+const GRPC_DEADLINE_EXCEEDED: u32 = 4;
+
+impl Upstreams {
+    /// `proxy_grpc_call`: one request message over HTTP/2 to the cluster (configure it with
+    /// `http2: true`, as Envoy requires for gRPC), one response message back.
+    pub async fn grpc_call(&self, call: &GrpcCallRequest) -> GrpcOutcome {
+        let cluster = String::from_utf8_lossy(&call.upstream).into_owned();
+        let mut framed = Vec::with_capacity(5 + call.message.len());
+        framed.push(0); // not compressed
+        framed.extend_from_slice(&(call.message.len() as u32).to_be_bytes());
+        framed.extend_from_slice(&call.message);
+        let mut map = HeaderMap::new();
+        map.add(":method", "POST");
+        map.add(":path", format!("/{}/{}", call.service, call.method));
+        map.add(":authority", cluster.as_str());
+        map.add("content-type", "application/grpc");
+        map.add("te", "trailers");
+        for (name, value) in call.initial_metadata.iter() {
+            map.add(name, value);
+        }
+        let request = convert::request_from_map(&map, GatewayBody::full(Bytes::from(framed)))
+            .map_err(|e| (GRPC_INTERNAL, e))?;
+        let timeout = (call.timeout_ms > 0).then(|| Duration::from_millis(call.timeout_ms.into()));
+        let work = async {
+            let response = self
+                .send(&cluster, request, timeout)
+                .await
+                .map_err(|e| match e {
+                    UpstreamError::Timeout => (GRPC_DEADLINE_EXCEEDED, e.to_string()),
+                    other => (GRPC_UNAVAILABLE, other.to_string()),
+                })?;
+            let (parts, body) = response.into_parts();
+            if parts.status != http::StatusCode::OK {
+                return Err((
+                    GRPC_UNAVAILABLE,
+                    format!("HTTP status {}", parts.status.as_u16()),
+                ));
+            }
+            let collected = body
+                .collect()
+                .await
+                .map_err(|e| (GRPC_UNAVAILABLE, e.to_string()))?;
+            // Trailers carry the status, or the headers do in a trailers-only answer.
+            let trailers = collected.trailers().cloned().unwrap_or_default();
+            let field = |name: &str| {
+                trailers
+                    .get(name)
+                    .or_else(|| parts.headers.get(name))
+                    .and_then(|v| v.to_str().ok())
+                    .map(str::to_owned)
+            };
+            let status = field("grpc-status")
+                .and_then(|s| s.parse().ok())
+                .unwrap_or(2);
+            if status != 0 {
+                return Err((status, field("grpc-message").unwrap_or_default()));
+            }
+            let bytes = collected.to_bytes();
+            let length = bytes
+                .get(1..5)
+                .map(|b| u32::from_be_bytes(b.try_into().expect("4 bytes")) as usize);
+            match length {
+                Some(length) if bytes.len() >= 5 + length => Ok(bytes[5..5 + length].to_vec()),
+                _ => Err((GRPC_INTERNAL, "malformed gRPC response message".into())),
+            }
+        };
+        match timeout {
+            Some(limit) => tokio::time::timeout(limit, work)
+                .await
+                .unwrap_or(Err((GRPC_DEADLINE_EXCEEDED, "timeout".into()))),
+            None => work.await,
         }
     }
 }

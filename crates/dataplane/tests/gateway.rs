@@ -3,13 +3,19 @@
 
 mod common;
 
+use std::convert::Infallible;
+
+use hyper::body::{Frame, Incoming};
+use hyper::service::service_fn;
+use hyper_util::rt::TokioIo;
+
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
 use common::*;
-use http::Request;
+use http::{Request, Response};
 use http_body_util::{BodyExt, Full};
 use hyper_util::client::legacy::Client;
 use hyper_util::client::legacy::connect::HttpConnector;
@@ -532,4 +538,119 @@ async fn idle_connections_are_closed_but_busy_ones_are_not() {
         "the idle connection was closed: {closed:?}"
     );
     assert!(started.elapsed() < Duration::from_secs(3));
+}
+
+/// A gRPC server over h2c: `kitchen.Echo/Say` answers `pong:<message>|<x-grpc-meta>`; any other
+/// method is a trailers-only UNIMPLEMENTED.
+async fn grpc_server() -> SocketAddr {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let address = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        loop {
+            let Ok((stream, _)) = listener.accept().await else {
+                return;
+            };
+            tokio::spawn(async move {
+                let service = service_fn(|request: Request<Incoming>| async move {
+                    let path = request.uri().path().to_owned();
+                    let meta = request
+                        .headers()
+                        .get("x-grpc-meta")
+                        .map(|v| v.to_str().unwrap().to_owned())
+                        .unwrap_or_default();
+                    let body = request.into_body().collect().await.unwrap().to_bytes();
+                    let response = Response::builder()
+                        .status(200)
+                        .header("content-type", "application/grpc");
+                    if path != "/kitchen.Echo/Say" {
+                        let response = response
+                            .header("grpc-status", "12")
+                            .header("grpc-message", "no such method");
+                        return Ok::<_, Infallible>(response.body(GrpcBody(None, None)).unwrap());
+                    }
+                    let reply = [b"pong:".as_slice(), &body[5..], b"|", meta.as_bytes()].concat();
+                    let mut framed = vec![0u8];
+                    framed.extend_from_slice(&(reply.len() as u32).to_be_bytes());
+                    framed.extend_from_slice(&reply);
+                    let mut trailers = http::HeaderMap::new();
+                    trailers.insert("grpc-status", "0".parse().unwrap());
+                    Ok(response
+                        .body(GrpcBody(Some(Bytes::from(framed)), Some(trailers)))
+                        .unwrap())
+                });
+                let _ = hyper::server::conn::http2::Builder::new(TokioExecutor::new())
+                    .serve_connection(TokioIo::new(stream), service)
+                    .await;
+            });
+        }
+    });
+    address
+}
+
+/// One data frame, then trailers.
+struct GrpcBody(Option<Bytes>, Option<http::HeaderMap>);
+
+impl http_body::Body for GrpcBody {
+    type Data = Bytes;
+    type Error = Infallible;
+
+    fn poll_frame(
+        mut self: std::pin::Pin<&mut Self>,
+        _cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Result<Frame<Bytes>, Infallible>>> {
+        let frame = match self.0.take() {
+            Some(data) => Some(Ok(Frame::data(data))),
+            None => self.1.take().map(|t| Ok(Frame::trailers(t))),
+        };
+        std::task::Poll::Ready(frame)
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn grpc_calls_from_plugins_reach_http2_clusters() {
+    let up = upstream().await;
+    let grpc = grpc_server().await;
+    let closed = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap();
+    let runtime = runtime();
+    let mut answers = Vec::new();
+    for target in [grpc, closed] {
+        let mut grpc_cluster = cluster("upstream_cluster", target);
+        grpc_cluster.http2 = true;
+        let spec = GatewaySpec {
+            workers: 1,
+            listeners: vec![listener(
+                vec![route("/", "upstream")],
+                vec![kitchen(&runtime)],
+                Limits::default(),
+            )],
+            clusters: vec![cluster("upstream", up.address), grpc_cluster],
+        };
+        let gw = Gateway::start(runtime.clone(), spec);
+        let (parts, _) = send(
+            &client(false),
+            get(gw.address, "/", &[("x-mode", "grpc-call")]),
+        )
+        .await;
+        assert_eq!(parts.status, 200);
+        let seen = up.seen.lock().last().cloned().unwrap();
+        answers.push((
+            seen.headers["x-kitchen-grpc-status"]
+                .to_str()
+                .unwrap()
+                .to_owned(),
+            seen.headers["x-kitchen-grpc-message"]
+                .to_str()
+                .unwrap()
+                .to_owned(),
+        ));
+    }
+    assert_eq!(
+        answers[0],
+        ("0".to_owned(), "pong:grpc ping|1".to_owned()),
+        "the call and its metadata arrived"
+    );
+    assert_eq!(answers[1].0, "14", "an unreachable cluster is UNAVAILABLE");
 }

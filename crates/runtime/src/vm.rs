@@ -685,6 +685,14 @@ impl Vm {
         result.map(drop)
     }
 
+    /// Forgets a unary gRPC call whose answer was delivered with [`Vm::on_grpc_receive`]: as in
+    /// Envoy, a successful unary call gets no `proxy_on_grpc_close`.
+    pub fn end_grpc_call(&mut self, token: u32) {
+        if let Some((CalloutKind::Grpc, _)) = self.store.data().callouts.get(&token) {
+            self.store.data_mut().callouts.remove(&token);
+        }
+    }
+
     /// Ends gRPC call `token` with a gRPC status; `proxy_get_status` answers it during the callback.
     pub fn on_grpc_close(
         &mut self,
