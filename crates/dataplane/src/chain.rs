@@ -36,6 +36,15 @@ pub(crate) struct Plugin {
     stats: Arc<GatewayStats>,
     touches_request_body: bool,
     touches_response_body: bool,
+    /// Open gRPC streams: where the plugin's messages go, and the task to cancel.
+    grpc_streams: RefCell<std::collections::HashMap<u32, GrpcStream>>,
+}
+
+struct GrpcStream {
+    sender: Option<
+        tokio::sync::mpsc::Sender<Result<hyper::body::Frame<bytes::Bytes>, crate::body::BoxError>>,
+    >,
+    task: tokio::task::AbortHandle,
 }
 
 impl Plugin {
@@ -61,6 +70,7 @@ impl Plugin {
             runtime,
             clusters,
             stats,
+            grpc_streams: RefCell::new(std::collections::HashMap::new()),
         }))
     }
 
@@ -104,6 +114,7 @@ impl Plugin {
 
     /// Starts the outbound calls the plugin queued during its last callback.
     fn dispatch_calls(self: &Rc<Self>) {
+        self.dispatch_grpc_streams();
         let grpc_calls = std::mem::take(&mut self.effects.lock().grpc_calls);
         for (token, call) in grpc_calls {
             let plugin = self.clone();
@@ -147,6 +158,154 @@ impl Plugin {
 }
 
 impl Plugin {
+    /// Runs `deliver` on the VM, then whatever the plugin asked for meanwhile.
+    fn deliver(self: &Rc<Self>, what: &str, deliver: impl FnOnce(&mut Vm) -> Result<(), VmError>) {
+        let result = deliver(&mut self.vm.borrow_mut());
+        if let Err(error) = result {
+            tracing::warn!(plugin = %self.spec.name, "delivering {what}: {error}");
+        }
+        self.dispatch_calls();
+        self.notify.notify_waiters();
+    }
+
+    /// Opens the gRPC streams the plugin asked for and passes on its sends, half-closes and cancels,
+    /// in the order it made them.
+    fn dispatch_grpc_streams(self: &Rc<Self>) {
+        use crate::host::GrpcStreamOp;
+        let (opened, ops) = {
+            let mut effects = self.effects.lock();
+            (
+                std::mem::take(&mut effects.grpc_streams),
+                std::mem::take(&mut effects.grpc_stream_ops),
+            )
+        };
+        for (token, call) in opened {
+            let (sender, body) = crate::body::GatewayBody::channel();
+            let plugin = self.clone();
+            let task =
+                tokio::task::spawn_local(
+                    async move { plugin.run_grpc_stream(token, call, body).await },
+                );
+            self.grpc_streams.borrow_mut().insert(
+                token,
+                GrpcStream {
+                    sender: Some(sender),
+                    task: task.abort_handle(),
+                },
+            );
+        }
+        for op in ops {
+            let mut streams = self.grpc_streams.borrow_mut();
+            match op {
+                GrpcStreamOp::Send {
+                    token,
+                    message,
+                    end_of_stream,
+                } => {
+                    let Some(stream) = streams.get_mut(&token) else {
+                        continue;
+                    };
+                    let framed = bytes::Bytes::from(crate::upstream::grpc_frame(&message));
+                    if let Some(sender) = &stream.sender {
+                        let sender = sender.clone();
+                        // The channel holds a few frames; a full one is drained by its own task.
+                        if let Err(tokio::sync::mpsc::error::TrySendError::Full(frame)) =
+                            sender.try_send(Ok(hyper::body::Frame::data(framed)))
+                        {
+                            tokio::task::spawn_local(async move {
+                                let _ = sender.send(frame).await;
+                            });
+                        }
+                    }
+                    if end_of_stream {
+                        stream.sender = None;
+                    }
+                }
+                GrpcStreamOp::Close(token) => {
+                    if let Some(stream) = streams.get_mut(&token) {
+                        stream.sender = None;
+                    }
+                }
+                GrpcStreamOp::Cancel(token) => {
+                    // As in Envoy, a cancelled stream gets no more callbacks.
+                    if let Some(stream) = streams.remove(&token) {
+                        stream.task.abort();
+                    }
+                    self.vm.borrow_mut().end_grpc_call(token);
+                }
+            }
+        }
+    }
+
+    async fn run_grpc_stream(
+        self: Rc<Self>,
+        token: u32,
+        call: wasmgate_abi::GrpcStreamRequest,
+        body: crate::body::GatewayBody,
+    ) {
+        use http_body_util::BodyExt;
+        let close = |plugin: &Rc<Self>, status: u32, message: String| {
+            plugin.grpc_streams.borrow_mut().remove(&token);
+            plugin.deliver("a gRPC close", |vm| {
+                vm.on_grpc_close(token, status, &message)
+            });
+        };
+        let response = match self.upstreams.grpc_stream(&call, body).await {
+            Ok(response) => response,
+            Err((status, message)) => return close(&self, status, message),
+        };
+        let (parts, mut body) = response.into_parts();
+        let field = |headers: &http::HeaderMap, name: &str| {
+            headers
+                .get(name)
+                .and_then(|v| v.to_str().ok())
+                .map(str::to_owned)
+        };
+        let initial = crate::convert::plain_map(&parts.headers);
+        self.deliver("gRPC initial metadata", |vm| {
+            vm.on_grpc_receive_initial_metadata(token, initial)
+        });
+        let mut buffer = Vec::new();
+        loop {
+            match body.frame().await {
+                None => {
+                    // A trailers-only answer carries the status in its headers.
+                    let status = field(&parts.headers, "grpc-status")
+                        .and_then(|s| s.parse().ok())
+                        .unwrap_or(2);
+                    return close(
+                        &self,
+                        status,
+                        field(&parts.headers, "grpc-message").unwrap_or_default(),
+                    );
+                }
+                Some(Err(error)) => return close(&self, 14, error.to_string()),
+                Some(Ok(frame)) => match frame.into_data() {
+                    Ok(data) => {
+                        buffer.extend_from_slice(&data);
+                        while let Some(message) = crate::upstream::take_grpc_message(&mut buffer) {
+                            self.deliver("a gRPC message", |vm| vm.on_grpc_receive(token, message));
+                        }
+                    }
+                    Err(frame) => {
+                        let Ok(trailers) = frame.into_trailers() else {
+                            continue;
+                        };
+                        let status = field(&trailers, "grpc-status")
+                            .and_then(|s| s.parse().ok())
+                            .unwrap_or(2);
+                        let message = field(&trailers, "grpc-message").unwrap_or_default();
+                        let map = crate::convert::plain_map(&trailers);
+                        self.deliver("gRPC trailing metadata", |vm| {
+                            vm.on_grpc_receive_trailing_metadata(token, map)
+                        });
+                        return close(&self, status, message);
+                    }
+                },
+            }
+        }
+    }
+
     pub fn tick_period(&self) -> Option<Duration> {
         self.vm.borrow().tick_period(self.root.get())
     }

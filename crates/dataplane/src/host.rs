@@ -18,6 +18,25 @@ pub(crate) struct Effects {
     pub closed: HashSet<u32>,
     pub http_calls: Vec<(u32, HttpCallRequest)>,
     pub grpc_calls: Vec<(u32, GrpcCallRequest)>,
+    pub grpc_streams: Vec<(u32, GrpcStreamRequest)>,
+    /// In the order the plugin asked: messages (with end of stream), half-closes, cancels.
+    pub grpc_stream_ops: Vec<GrpcStreamOp>,
+}
+
+pub(crate) enum GrpcStreamOp {
+    Send {
+        token: u32,
+        message: Vec<u8>,
+        end_of_stream: bool,
+    },
+    Close(u32),
+    Cancel(u32),
+}
+
+impl GatewayHost {
+    fn known_cluster(&self, upstream: &[u8]) -> bool {
+        std::str::from_utf8(upstream).is_ok_and(|name| self.clusters.contains(name))
+    }
 }
 
 /// Shared between a VM's host and the worker that drives the VM. Both live on one worker thread,
@@ -67,23 +86,43 @@ impl Host for GatewayHost {
     fn grpc_stream(
         &mut self,
         _context_id: u32,
-        _token: u32,
+        token: u32,
         call: GrpcStreamRequest,
     ) -> Result<(), Status> {
-        tracing::warn!(plugin = %self.plugin, service = %call.service, "gRPC streams from plugins are not supported by this gateway yet");
-        Err(Status::InternalFailure)
+        if !self.known_cluster(&call.upstream) {
+            tracing::debug!(plugin = %self.plugin, "grpc_stream to an unknown cluster");
+            return Err(Status::ParseFailure);
+        }
+        self.effects.lock().grpc_streams.push((token, call));
+        Ok(())
     }
 
-    fn grpc_send(&mut self, _token: u32, _message: Vec<u8>, _end_of_stream: bool) -> Status {
-        Status::NotFound
+    fn grpc_send(&mut self, token: u32, message: Vec<u8>, end_of_stream: bool) -> Status {
+        self.effects
+            .lock()
+            .grpc_stream_ops
+            .push(GrpcStreamOp::Send {
+                token,
+                message,
+                end_of_stream,
+            });
+        Status::Ok
     }
 
-    fn grpc_cancel(&mut self, _token: u32) -> Status {
-        Status::NotFound
+    fn grpc_cancel(&mut self, token: u32) -> Status {
+        self.effects
+            .lock()
+            .grpc_stream_ops
+            .push(GrpcStreamOp::Cancel(token));
+        Status::Ok
     }
 
-    fn grpc_close(&mut self, _token: u32) -> Status {
-        Status::NotFound
+    fn grpc_close(&mut self, token: u32) -> Status {
+        self.effects
+            .lock()
+            .grpc_stream_ops
+            .push(GrpcStreamOp::Close(token));
+        Status::Ok
     }
 
     fn continue_stream(&mut self, context_id: u32, stream: StreamType) -> Status {

@@ -197,6 +197,45 @@ impl Upstreams {
     }
 }
 
+/// A gRPC message on the wire: a compressed flag (never set here), a big-endian length, the bytes.
+pub(crate) fn grpc_frame(message: &[u8]) -> Vec<u8> {
+    let mut framed = Vec::with_capacity(5 + message.len());
+    framed.push(0);
+    framed.extend_from_slice(&(message.len() as u32).to_be_bytes());
+    framed.extend_from_slice(message);
+    framed
+}
+
+/// Takes one whole message off the front of `buffer`, if one has arrived.
+pub(crate) fn take_grpc_message(buffer: &mut Vec<u8>) -> Option<Vec<u8>> {
+    let length = u32::from_be_bytes(buffer.get(1..5)?.try_into().ok()?) as usize;
+    if buffer.len() < 5 + length {
+        return None;
+    }
+    let message = buffer[5..5 + length].to_vec();
+    buffer.drain(..5 + length);
+    Some(message)
+}
+
+fn grpc_request(
+    cluster: &str,
+    service: &str,
+    method: &str,
+    metadata: &HeaderMap,
+    body: GatewayBody,
+) -> Result<Request<GatewayBody>, (u32, String)> {
+    let mut map = HeaderMap::new();
+    map.add(":method", "POST");
+    map.add(":path", format!("/{service}/{method}"));
+    map.add(":authority", cluster);
+    map.add("content-type", "application/grpc");
+    map.add("te", "trailers");
+    for (name, value) in metadata.iter() {
+        map.add(name, value);
+    }
+    convert::request_from_map(&map, body).map_err(|e| (GRPC_INTERNAL, e))
+}
+
 /// The answer to a unary gRPC call: the response message, or a gRPC status and message.
 pub(crate) type GrpcOutcome = Result<Vec<u8>, (u32, String)>;
 
@@ -206,25 +245,45 @@ const GRPC_UNAVAILABLE: u32 = 14;
 const GRPC_DEADLINE_EXCEEDED: u32 = 4;
 
 impl Upstreams {
+    /// `proxy_grpc_stream`: the request body is fed by the plugin's sends; returns the response head.
+    pub async fn grpc_stream(
+        &self,
+        call: &wasmgate_abi::GrpcStreamRequest,
+        body: GatewayBody,
+    ) -> Result<Response<Incoming>, (u32, String)> {
+        let cluster = String::from_utf8_lossy(&call.upstream).into_owned();
+        let request = grpc_request(
+            &cluster,
+            &call.service,
+            &call.method,
+            &call.initial_metadata,
+            body,
+        )?;
+        let response = self
+            .send(&cluster, request, None)
+            .await
+            .map_err(|e| (GRPC_UNAVAILABLE, e.to_string()))?;
+        if response.status() != http::StatusCode::OK {
+            return Err((
+                GRPC_UNAVAILABLE,
+                format!("HTTP status {}", response.status().as_u16()),
+            ));
+        }
+        Ok(response)
+    }
+
     /// `proxy_grpc_call`: one request message over HTTP/2 to the cluster (configure it with
     /// `http2: true`, as Envoy requires for gRPC), one response message back.
     pub async fn grpc_call(&self, call: &GrpcCallRequest) -> GrpcOutcome {
         let cluster = String::from_utf8_lossy(&call.upstream).into_owned();
-        let mut framed = Vec::with_capacity(5 + call.message.len());
-        framed.push(0); // not compressed
-        framed.extend_from_slice(&(call.message.len() as u32).to_be_bytes());
-        framed.extend_from_slice(&call.message);
-        let mut map = HeaderMap::new();
-        map.add(":method", "POST");
-        map.add(":path", format!("/{}/{}", call.service, call.method));
-        map.add(":authority", cluster.as_str());
-        map.add("content-type", "application/grpc");
-        map.add("te", "trailers");
-        for (name, value) in call.initial_metadata.iter() {
-            map.add(name, value);
-        }
-        let request = convert::request_from_map(&map, GatewayBody::full(Bytes::from(framed)))
-            .map_err(|e| (GRPC_INTERNAL, e))?;
+        let body = GatewayBody::full(Bytes::from(grpc_frame(&call.message)));
+        let request = grpc_request(
+            &cluster,
+            &call.service,
+            &call.method,
+            &call.initial_metadata,
+            body,
+        )?;
         let timeout = (call.timeout_ms > 0).then(|| Duration::from_millis(call.timeout_ms.into()));
         let work = async {
             let response = self

@@ -553,6 +553,9 @@ async fn grpc_server() -> SocketAddr {
             tokio::spawn(async move {
                 let service = service_fn(|request: Request<Incoming>| async move {
                     let path = request.uri().path().to_owned();
+                    if path == "/kitchen.Echo/Chat" {
+                        return Ok(chat(request));
+                    }
                     let meta = request
                         .headers()
                         .get("x-grpc-meta")
@@ -566,7 +569,9 @@ async fn grpc_server() -> SocketAddr {
                         let response = response
                             .header("grpc-status", "12")
                             .header("grpc-message", "no such method");
-                        return Ok::<_, Infallible>(response.body(GrpcBody(None, None)).unwrap());
+                        return Ok::<_, Infallible>(
+                            response.body(GrpcBody::Once(None, None)).unwrap(),
+                        );
                     }
                     let reply = [b"pong:".as_slice(), &body[5..], b"|", meta.as_bytes()].concat();
                     let mut framed = vec![0u8];
@@ -575,7 +580,7 @@ async fn grpc_server() -> SocketAddr {
                     let mut trailers = http::HeaderMap::new();
                     trailers.insert("grpc-status", "0".parse().unwrap());
                     Ok(response
-                        .body(GrpcBody(Some(Bytes::from(framed)), Some(trailers)))
+                        .body(GrpcBody::Once(Some(Bytes::from(framed)), Some(trailers)))
                         .unwrap())
                 });
                 let _ = hyper::server::conn::http2::Builder::new(TokioExecutor::new())
@@ -587,8 +592,11 @@ async fn grpc_server() -> SocketAddr {
     address
 }
 
-/// One data frame, then trailers.
-struct GrpcBody(Option<Bytes>, Option<http::HeaderMap>);
+/// A gRPC answer: one data frame then trailers, or frames from a channel.
+enum GrpcBody {
+    Once(Option<Bytes>, Option<http::HeaderMap>),
+    Channel(tokio::sync::mpsc::Receiver<Frame<Bytes>>),
+}
 
 impl http_body::Body for GrpcBody {
     type Data = Bytes;
@@ -596,14 +604,57 @@ impl http_body::Body for GrpcBody {
 
     fn poll_frame(
         mut self: std::pin::Pin<&mut Self>,
-        _cx: &mut std::task::Context<'_>,
+        cx: &mut std::task::Context<'_>,
     ) -> std::task::Poll<Option<Result<Frame<Bytes>, Infallible>>> {
-        let frame = match self.0.take() {
-            Some(data) => Some(Ok(Frame::data(data))),
-            None => self.1.take().map(|t| Ok(Frame::trailers(t))),
-        };
-        std::task::Poll::Ready(frame)
+        match &mut *self {
+            GrpcBody::Once(data, trailers) => std::task::Poll::Ready(match data.take() {
+                Some(data) => Some(Ok(Frame::data(data))),
+                None => trailers.take().map(|t| Ok(Frame::trailers(t))),
+            }),
+            GrpcBody::Channel(rx) => rx.poll_recv(cx).map(|frame| frame.map(Ok)),
+        }
     }
+}
+
+fn grpc_framed(message: &[u8]) -> Bytes {
+    let mut framed = vec![0u8];
+    framed.extend_from_slice(&(message.len() as u32).to_be_bytes());
+    framed.extend_from_slice(message);
+    Bytes::from(framed)
+}
+
+/// `kitchen.Echo/Chat`: answers each message with `reply:<message>`, and ends with trailers once
+/// the client half-closes.
+fn chat(request: Request<Incoming>) -> Response<GrpcBody> {
+    let (tx, rx) = tokio::sync::mpsc::channel(16);
+    tokio::spawn(async move {
+        let mut body = request.into_body();
+        let mut buffer = Vec::new();
+        while let Some(Ok(frame)) = body.frame().await {
+            if let Ok(data) = frame.into_data() {
+                buffer.extend_from_slice(&data);
+                while buffer.len() >= 5 {
+                    let length = u32::from_be_bytes(buffer[1..5].try_into().unwrap()) as usize;
+                    if buffer.len() < 5 + length {
+                        break;
+                    }
+                    let message: Vec<u8> = buffer.drain(..5 + length).skip(5).collect();
+                    let reply = [b"reply:".as_slice(), &message].concat();
+                    let _ = tx.send(Frame::data(grpc_framed(&reply))).await;
+                }
+            }
+        }
+        let mut trailers = http::HeaderMap::new();
+        trailers.insert("grpc-status", "0".parse().unwrap());
+        trailers.insert("x-stream-trailer", "t".parse().unwrap());
+        let _ = tx.send(Frame::trailers(trailers)).await;
+    });
+    Response::builder()
+        .status(200)
+        .header("content-type", "application/grpc")
+        .header("x-stream-meta", "m")
+        .body(GrpcBody::Channel(rx))
+        .unwrap()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -653,4 +704,37 @@ async fn grpc_calls_from_plugins_reach_http2_clusters() {
         "the call and its metadata arrived"
     );
     assert_eq!(answers[1].0, "14", "an unreachable cluster is UNAVAILABLE");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn grpc_streams_from_plugins_send_receive_and_close() {
+    let up = upstream().await;
+    let grpc = grpc_server().await;
+    let runtime = runtime();
+    let mut grpc_cluster = cluster("upstream_cluster", grpc);
+    grpc_cluster.http2 = true;
+    let spec = GatewaySpec {
+        workers: 1,
+        listeners: vec![listener(
+            vec![route("/", "upstream")],
+            vec![kitchen(&runtime)],
+            Limits::default(),
+        )],
+        clusters: vec![cluster("upstream", up.address), grpc_cluster],
+    };
+    let gw = Gateway::start(runtime, spec);
+    // The plugin opens the stream and sends "first"; on the reply it sends "second" and
+    // half-closes; the server then ends with trailers, and the close resumes the request.
+    let (parts, _) = send(
+        &client(false),
+        get(gw.address, "/", &[("x-mode", "grpc-stream")]),
+    )
+    .await;
+    assert_eq!(parts.status, 200);
+    let seen = up.seen.lock().last().cloned().unwrap();
+    let header = |name: &str| seen.headers[name].to_str().unwrap().to_owned();
+    assert_eq!(header("x-kitchen-grpc-stream-meta"), "m");
+    assert_eq!(header("x-kitchen-grpc-stream-message"), "reply:second");
+    assert_eq!(header("x-kitchen-grpc-stream-trailer"), "t");
+    assert_eq!(header("x-kitchen-grpc-stream-close"), "0:");
 }
