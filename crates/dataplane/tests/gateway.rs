@@ -383,39 +383,38 @@ async fn body_over_the_buffer_limit_is_413() {
 async fn a_trapping_plugin_fails_closed_or_open() {
     let up = upstream().await;
     let runtime = runtime();
-    let closed = gateway(
-        up.address,
-        runtime.clone(),
-        vec![kitchen(&runtime)],
-        Limits {
-            ..Limits::default()
-        },
-        vec![],
-    );
+    // One worker each, so the VM that trapped is the one every later request meets.
+    let single_worker = |filter: FilterSpec| {
+        let spec = GatewaySpec {
+            workers: 1,
+            listeners: vec![listener(
+                vec![route("/", "upstream")],
+                vec![filter],
+                Limits::default(),
+            )],
+            clusters: vec![
+                cluster("upstream", up.address),
+                cluster("upstream_cluster", up.address),
+            ],
+        };
+        Gateway::start(runtime.clone(), spec)
+    };
+    let closed = single_worker(kitchen(&runtime));
     let mut open_filter = kitchen(&runtime);
     open_filter.failure_policy = FailurePolicy::FailOpen;
-    let open = gateway(
-        up.address,
-        runtime.clone(),
-        vec![open_filter],
-        Limits::default(),
-        vec![],
-    );
-    // One worker per gateway would make this exact; with two, panic on every worker.
-    for _ in 0..4 {
-        let (parts, _) = send(
-            &client(false),
-            get(closed.address, "/", &[("x-mode", "panic")]),
-        )
-        .await;
-        assert_eq!(parts.status, 503);
-        let (parts, _) = send(
-            &client(false),
-            get(open.address, "/", &[("x-mode", "panic")]),
-        )
-        .await;
-        assert_eq!(parts.status, 200, "FAIL_OPEN skips the failed plugin");
-    }
+    let open = single_worker(open_filter);
+    let (parts, _) = send(
+        &client(false),
+        get(closed.address, "/", &[("x-mode", "panic")]),
+    )
+    .await;
+    assert_eq!(parts.status, 503, "the trap fails the request closed");
+    let (parts, _) = send(
+        &client(false),
+        get(open.address, "/", &[("x-mode", "panic")]),
+    )
+    .await;
+    assert_eq!(parts.status, 200, "FAIL_OPEN skips the failed plugin");
     let (parts, _) = send(&client(false), get(closed.address, "/", &[])).await;
     assert_eq!(parts.status, 503, "the failed VM stays failed");
     let (parts, _) = send(&client(false), get(open.address, "/", &[])).await;

@@ -465,6 +465,13 @@ fn metrics_counters_gauges_histograms() {
 fn shared_data_cas_is_process_wide_across_vms_and_threads() {
     let runtime = runtime();
     let module = runtime.load(&kitchen()).unwrap();
+    // The plugin creates a missing key without a CAS (the SDK passes cas 0 when the get found
+    // nothing, as in Envoy), so two first writers could both win; seed the key so every update
+    // goes through compare-and-swap.
+    runtime
+        .shared()
+        .data
+        .set("shared", b"kitchen_counter", b"0", 0);
     let threads: Vec<_> = (0..4)
         .map(|_| {
             let runtime = runtime.clone();
