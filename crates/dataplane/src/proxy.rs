@@ -1,5 +1,6 @@
 //! One request through a listener: the filter chain, the route, the upstream, and back.
 
+use std::cell::RefCell;
 use std::convert::Infallible;
 use std::rc::Rc;
 use std::sync::Arc;
@@ -22,9 +23,17 @@ use crate::upstream::{UpstreamError, Upstreams};
 
 pub(crate) struct ListenerState {
     pub spec: ListenerSpec,
-    pub plugins: Vec<Rc<Plugin>>,
+    /// Swapped whole by a chain update; a request holds the one it started with.
+    pub chain: RefCell<Rc<ActiveChain>>,
     pub upstreams: Rc<Upstreams>,
     pub stats: Arc<GatewayStats>,
+}
+
+/// A listener's chain on one worker.
+pub(crate) struct ActiveChain {
+    pub plugins: Vec<Rc<Plugin>>,
+    /// See [`ListenerSpec::missing_plugins`].
+    pub missing_plugins: Vec<String>,
 }
 
 pub(crate) struct ConnInfo {
@@ -135,8 +144,12 @@ async fn proxy(
         }),
         ..Default::default()
     };
+    let active = listener.chain.borrow().clone();
+    if !active.missing_plugins.is_empty() {
+        return denied(&active.missing_plugins);
+    }
     let mut chain = match Chain::new(
-        &listener.plugins,
+        &active.plugins,
         &info,
         listener.spec.limits.per_stream_buffer_limit,
     ) {
@@ -603,6 +616,15 @@ fn local_reply_parts(response: &LocalResponse) -> (HeaderMap, Vec<u8>) {
         map.add("content-type", "text/plain");
     }
     (map, response.body.clone())
+}
+
+/// Istio's deny-all RBAC answer, given in place of FAIL_CLOSE plugins whose module is missing.
+fn denied(missing: &[String]) -> Response<GatewayBody> {
+    tracing::debug!(plugins = ?missing, "denying a request: a FAIL_CLOSE plugin's module is missing");
+    let body = "RBAC: access denied";
+    let mut map = status_map(403, true);
+    map.replace("content-length", body.len().to_string());
+    convert::response_from_map(&map, GatewayBody::full(body))
 }
 
 fn gateway_status(halt: Halt) -> Response<GatewayBody> {

@@ -2,6 +2,7 @@
 //! VM per plugin, so a request's contexts live on one thread and the hot path takes no lock. All
 //! workers accept on the same listening sockets; the kernel spreads connections among them.
 
+use std::cell::RefCell;
 use std::collections::{HashMap, HashSet};
 use std::future::Future;
 use std::net::SocketAddr;
@@ -23,8 +24,8 @@ use wasmgate_runtime::{Runtime, VmError};
 
 use crate::chain::Plugin;
 use crate::idle::{Activity, IdleIo};
-use crate::proxy::{ConnInfo, ListenerState, handle};
-use crate::spec::GatewaySpec;
+use crate::proxy::{ActiveChain, ConnInfo, ListenerState, handle};
+use crate::spec::{FilterSpec, GatewaySpec};
 use crate::stats::GatewayStats;
 use crate::tls::{self, ClusterTls};
 use crate::upstream::Upstreams;
@@ -66,6 +67,19 @@ pub enum StartError {
     },
     #[error("starting worker threads: {0}")]
     Worker(String),
+    #[error("no listener named {0:?}")]
+    UnknownListener(String),
+}
+
+/// What the control side asks of a running worker.
+enum WorkerCommand {
+    /// Serve new requests on the listener with this chain; requests in flight finish on theirs.
+    UpdateChain {
+        listener: usize,
+        filters: Vec<FilterSpec>,
+        missing_plugins: Vec<String>,
+        done: std::sync::mpsc::Sender<Result<(), StartError>>,
+    },
 }
 
 /// A running gateway. Dropping it without [`GatewayHandle::shutdown`] leaves the workers running.
@@ -74,6 +88,7 @@ pub struct GatewayHandle {
     pub stats: Arc<GatewayStats>,
     shutdown: watch::Sender<bool>,
     workers: Vec<std::thread::JoinHandle<()>>,
+    commands: Vec<tokio::sync::mpsc::UnboundedSender<WorkerCommand>>,
 }
 
 impl GatewayHandle {
@@ -90,6 +105,47 @@ impl GatewayHandle {
     }
 
     /// Stops accepting, lets requests in flight finish (up to 30 s), and joins the workers.
+    /// Swaps a listener's filter chain on every worker: new requests take the new chain, requests
+    /// in flight finish on the one they started with, and plugins that did not change keep their
+    /// VMs. Returns once every worker has switched. A worker whose new plugins fail to start keeps
+    /// its old chain and the error is returned; the caller should have started the plugins once
+    /// itself to validate them (as Envoy does on its main thread).
+    pub fn update_chain(
+        &self,
+        listener: &str,
+        filters: Vec<FilterSpec>,
+        missing_plugins: Vec<String>,
+    ) -> Result<(), StartError> {
+        let index = self
+            .listeners
+            .iter()
+            .position(|(name, _)| name == listener)
+            .ok_or_else(|| StartError::UnknownListener(listener.to_owned()))?;
+        let (done, results) = std::sync::mpsc::channel();
+        let mut asked = 0;
+        for commands in &self.commands {
+            let command = WorkerCommand::UpdateChain {
+                listener: index,
+                filters: filters.clone(),
+                missing_plugins: missing_plugins.clone(),
+                done: done.clone(),
+            };
+            if commands.send(command).is_ok() {
+                asked += 1;
+            }
+        }
+        drop(done);
+        let mut outcome = Ok(());
+        for _ in 0..asked {
+            match results.recv() {
+                Ok(Ok(())) => {}
+                Ok(Err(error)) => outcome = Err(error),
+                Err(_) => break,
+            }
+        }
+        outcome
+    }
+
     pub fn shutdown(self) {
         let _ = self.shutdown.send(true);
         for worker in self.workers {
@@ -138,7 +194,10 @@ pub fn start(
     let (ready_tx, ready_rx) = std::sync::mpsc::channel::<Result<(), StartError>>();
     let connection_ids = Arc::new(AtomicU64::new(0));
     let mut workers = Vec::new();
+    let mut commands = Vec::new();
     for worker in 0..spec.workers.max(1) {
+        let (command_tx, command_rx) = tokio::sync::mpsc::unbounded_channel();
+        commands.push(command_tx);
         let sockets = sockets
             .iter()
             .map(|s| s.try_clone())
@@ -158,7 +217,11 @@ pub fn start(
         };
         let thread = std::thread::Builder::new()
             .name(format!("wasmgate-worker-{worker}"))
-            .spawn(move || run_worker(runtime, spec, tls, sockets, stats, ready, shutdown, ids))
+            .spawn(move || {
+                run_worker(
+                    runtime, spec, tls, sockets, stats, ready, shutdown, ids, command_rx,
+                )
+            })
             .map_err(|e| StartError::Worker(e.to_string()))?;
         workers.push(thread);
     }
@@ -168,6 +231,7 @@ pub fn start(
         stats,
         shutdown,
         workers,
+        commands,
     };
     for _ in 0..handle.workers.len() {
         match ready_rx.recv() {
@@ -215,6 +279,7 @@ fn run_worker(
     ready: std::sync::mpsc::Sender<Result<(), StartError>>,
     shutdown: watch::Receiver<bool>,
     connection_ids: Arc<AtomicU64>,
+    commands: tokio::sync::mpsc::UnboundedReceiver<WorkerCommand>,
 ) {
     let tokio = match tokio::runtime::Builder::new_current_thread()
         .enable_all()
@@ -231,29 +296,27 @@ fn run_worker(
         let upstreams = Rc::new(Upstreams::new(&spec.clusters, &tls.clusters));
         let clusters: Arc<HashSet<String>> =
             Arc::new(spec.clusters.iter().map(|c| c.name.clone()).collect());
+        let worker = Rc::new(WorkerContext {
+            runtime,
+            clusters,
+            upstreams: upstreams.clone(),
+            stats: stats.clone(),
+            shutdown: shutdown.clone(),
+        });
         let mut states = Vec::new();
         for ((listener, socket), acceptor) in spec.listeners.iter().zip(sockets).zip(tls.acceptors)
         {
-            let mut plugins = Vec::new();
-            for filter in &listener.filters {
-                match Plugin::start(
-                    filter.clone(),
-                    runtime.clone(),
-                    clusters.clone(),
-                    upstreams.clone(),
-                    stats.clone(),
-                ) {
-                    Ok(plugin) => plugins.push(plugin),
-                    Err(error) => {
-                        let _ = ready.send(Err(StartError::Plugin {
-                            listener: listener.name.clone(),
-                            plugin: filter.name.clone(),
-                            error: Box::new(error),
-                        }));
-                        return;
-                    }
+            let plugins = match worker.start_plugins(&listener.filters, &[]) {
+                Ok(plugins) => plugins,
+                Err((plugin, error)) => {
+                    let _ = ready.send(Err(StartError::Plugin {
+                        listener: listener.name.clone(),
+                        plugin,
+                        error: Box::new(error),
+                    }));
+                    return;
                 }
-            }
+            };
             let socket = match tokio::net::TcpListener::from_std(socket) {
                 Ok(socket) => socket,
                 Err(error) => {
@@ -263,7 +326,10 @@ fn run_worker(
             };
             let state = Rc::new(ListenerState {
                 spec: listener.clone(),
-                plugins,
+                chain: RefCell::new(Rc::new(ActiveChain {
+                    plugins,
+                    missing_plugins: listener.missing_plugins.clone(),
+                })),
                 upstreams: upstreams.clone(),
                 stats: stats.clone(),
             });
@@ -272,9 +338,12 @@ fn run_worker(
         let _ = ready.send(Ok(()));
         let graceful = Rc::new(GracefulShutdown::new());
         let mut loops = Vec::new();
+        let listener_states: Vec<Rc<ListenerState>> =
+            states.iter().map(|(state, _, _)| state.clone()).collect();
+        tokio::task::spawn_local(apply_commands(worker.clone(), listener_states, commands));
         for (state, socket, acceptor) in states {
-            for plugin in &state.plugins {
-                tokio::task::spawn_local(plugin_timers(plugin.clone(), shutdown.clone()));
+            for plugin in &state.chain.borrow().plugins {
+                worker.spawn_timers(plugin);
             }
             loops.push(tokio::task::spawn_local(accept_loop(
                 state,
@@ -449,21 +518,115 @@ async fn serve<I>(
     }
 }
 
-/// Ticks and queue deliveries for one plugin on this worker.
-async fn plugin_timers(plugin: Rc<Plugin>, mut shutdown: watch::Receiver<bool>) {
+/// What a worker needs to start plugins after start-up.
+struct WorkerContext {
+    runtime: Arc<Runtime>,
+    clusters: Arc<HashSet<String>>,
+    upstreams: Rc<Upstreams>,
+    stats: Arc<GatewayStats>,
+    shutdown: watch::Receiver<bool>,
+}
+
+impl WorkerContext {
+    /// A plugin per filter, reusing those of `current` that did not change. On failure, the name
+    /// of the plugin that did not start.
+    fn start_plugins(
+        &self,
+        filters: &[FilterSpec],
+        current: &[Rc<Plugin>],
+    ) -> Result<Vec<Rc<Plugin>>, (String, VmError)> {
+        filters
+            .iter()
+            .map(|filter| {
+                if let Some(kept) = current.iter().find(|p| p.spec.same_plugin(filter)) {
+                    return Ok(kept.clone());
+                }
+                Plugin::start(
+                    filter.clone(),
+                    self.runtime.clone(),
+                    self.clusters.clone(),
+                    self.upstreams.clone(),
+                    self.stats.clone(),
+                )
+                .map_err(|error| (filter.name.clone(), error))
+            })
+            .collect()
+    }
+
+    fn spawn_timers(&self, plugin: &Rc<Plugin>) {
+        tokio::task::spawn_local(plugin_timers(Rc::downgrade(plugin), self.shutdown.clone()));
+    }
+}
+
+/// Applies the control side's chain updates on this worker.
+async fn apply_commands(
+    worker: Rc<WorkerContext>,
+    listeners: Vec<Rc<ListenerState>>,
+    mut commands: tokio::sync::mpsc::UnboundedReceiver<WorkerCommand>,
+) {
+    while let Some(command) = commands.recv().await {
+        match command {
+            WorkerCommand::UpdateChain {
+                listener,
+                filters,
+                missing_plugins,
+                done,
+            } => {
+                let Some(state) = listeners.get(listener) else {
+                    let _ = done.send(Err(StartError::UnknownListener(listener.to_string())));
+                    continue;
+                };
+                let current = state.chain.borrow().clone();
+                let outcome = match worker.start_plugins(&filters, &current.plugins) {
+                    Ok(plugins) => {
+                        for plugin in &plugins {
+                            if !current.plugins.iter().any(|p| Rc::ptr_eq(p, plugin)) {
+                                worker.spawn_timers(plugin);
+                            }
+                        }
+                        *state.chain.borrow_mut() = Rc::new(ActiveChain {
+                            plugins,
+                            missing_plugins,
+                        });
+                        Ok(())
+                    }
+                    Err((plugin, error)) => Err(StartError::Plugin {
+                        listener: state.spec.name.clone(),
+                        plugin,
+                        error: Box::new(error),
+                    }),
+                };
+                let _ = done.send(outcome);
+            }
+        }
+    }
+}
+
+/// Ticks and queue deliveries for one plugin on this worker, for as long as the plugin is in use
+/// (a chain update that drops it ends this once its last stream is done).
+async fn plugin_timers(plugin: Weak<Plugin>, mut shutdown: watch::Receiver<bool>) {
     let queue_ready = Arc::new(Notify::new());
     let waker = queue_ready.clone();
-    plugin.set_queue_waker(Arc::new(move || waker.notify_one()));
+    match plugin.upgrade() {
+        Some(plugin) => plugin.set_queue_waker(Arc::new(move || waker.notify_one())),
+        None => return,
+    }
     loop {
-        let period = plugin.tick_period();
+        let Some(period) = plugin.upgrade().map(|p| p.tick_period()) else {
+            return;
+        };
         let wait = period.unwrap_or(Duration::from_millis(250));
         tokio::select! {
             _ = tokio::time::sleep(wait) => {
+                let Some(plugin) = plugin.upgrade() else { return };
                 if period.is_some() {
                     plugin.tick();
                 }
             }
-            _ = queue_ready.notified() => plugin.deliver_queue_ready(),
+            _ = queue_ready.notified() => {
+                let Some(plugin) = plugin.upgrade() else { return };
+                plugin.deliver_queue_ready();
+            }
             _ = shutdown.changed() => return,
         }
     }

@@ -24,6 +24,10 @@ pub struct ListenerSpec {
     pub routes: Vec<RouteSpec>,
     /// The filter chain: request callbacks run in this order, response callbacks in reverse.
     pub filters: Vec<FilterSpec>,
+    /// FAIL_CLOSE plugins of this listener whose module could not be had (fetch or verification
+    /// failed and no earlier version was serving). While any is listed, the listener answers 403
+    /// to every request, as Istio puts a deny-all RBAC filter in the plugin's place.
+    pub missing_plugins: Vec<String>,
     pub limits: Limits,
     /// TLS termination; `None` serves plain HTTP (HTTP/1.1, and HTTP/2 with prior knowledge).
     pub tls: Option<TlsFiles>,
@@ -131,6 +135,18 @@ pub struct UpstreamTls {
     /// Accept any certificate. For tests and development only: it gives no protection against
     /// an attacker in the middle.
     pub insecure_skip_verify: bool,
+}
+
+impl FilterSpec {
+    /// Whether a VM started from `self` behaves as one started from `other`: same module and
+    /// configuration. A chain update keeps the VMs of such plugins instead of restarting them.
+    pub fn same_plugin(&self, other: &FilterSpec) -> bool {
+        self.name == other.name
+            && self.module.sha256() == other.module.sha256()
+            && self.vm == other.vm
+            && self.plugin == other.plugin
+            && self.failure_policy == other.failure_policy
+    }
 }
 
 impl RouteSpec {

@@ -21,8 +21,8 @@ pub struct GatewayStats {
     latency_count: AtomicU64,
     latency_sum_us: AtomicU64,
     pub(crate) active_connections: AtomicI64,
-    /// Live VMs per plugin name.
-    vms: Mutex<Vec<(String, i64)>>,
+    /// Per plugin name: live VMs, and VMs started since the process began.
+    vms: Mutex<Vec<(String, i64, u64)>>,
 }
 
 impl GatewayStats {
@@ -41,11 +41,24 @@ impl GatewayStats {
     }
 
     pub(crate) fn vm_started(&self, plugin: &str, delta: i64) {
+        let started = u64::from(delta > 0) * delta.unsigned_abs();
         let mut vms = self.vms.lock();
-        match vms.iter_mut().find(|(name, _)| name == plugin) {
-            Some((_, count)) => *count += delta,
-            None => vms.push((plugin.to_owned(), delta)),
+        match vms.iter_mut().find(|(name, _, _)| name == plugin) {
+            Some((_, live, starts)) => {
+                *live += delta;
+                *starts += started;
+            }
+            None => vms.push((plugin.to_owned(), delta, started)),
         }
+    }
+
+    /// Live VMs of a plugin (one per worker while it is in a chain) and VMs started in all.
+    pub fn plugin_vms(&self, plugin: &str) -> (i64, u64) {
+        self.vms
+            .lock()
+            .iter()
+            .find(|(name, _, _)| name == plugin)
+            .map_or((0, 0), |(_, live, starts)| (*live, *starts))
     }
 
     pub fn responses_by_class(&self) -> [u64; 5] {
@@ -93,10 +106,18 @@ impl GatewayStats {
             self.active_connections.load(Ordering::Relaxed)
         );
         out.push_str("# TYPE wasmgate_plugin_vms gauge\n");
-        for (plugin, count) in self.vms.lock().iter() {
+        for (plugin, count, _) in self.vms.lock().iter() {
             let _ = writeln!(
                 out,
                 "wasmgate_plugin_vms{{plugin=\"{}\"}} {count}",
+                escape(plugin)
+            );
+        }
+        out.push_str("# TYPE wasmgate_plugin_vm_starts_total counter\n");
+        for (plugin, _, starts) in self.vms.lock().iter() {
+            let _ = writeln!(
+                out,
+                "wasmgate_plugin_vm_starts_total{{plugin=\"{}\"}} {starts}",
                 escape(plugin)
             );
         }

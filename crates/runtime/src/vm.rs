@@ -16,7 +16,7 @@ use crate::shared::Inbox;
 use crate::state::{Callout, CalloutKind, Context, Phase, PluginConfig, StreamData, VmState};
 
 /// What a VM is started with, shared by the plugins it runs.
-#[derive(Debug, Clone, Default)]
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct VmConfig {
     /// Scopes shared data and queues, as Envoy's `vm_id` does.
     pub vm_id: String,

@@ -111,6 +111,7 @@ pub fn prepare(config: &GatewayConfig, runtime: &Runtime) -> anyhow::Result<Prep
             address: listener.address,
             routes,
             filters,
+            missing_plugins: Vec::new(),
             limits: Limits {
                 max_request_headers_bytes: limits.max_request_headers_kb as usize * 1024,
                 max_headers_count: limits.max_headers_count as usize,

@@ -241,6 +241,7 @@ pub fn listener(routes: Vec<RouteSpec>, filters: Vec<FilterSpec>, limits: Limits
         address: "127.0.0.1:0".parse().unwrap(),
         routes,
         filters,
+        missing_plugins: Vec::new(),
         limits,
         tls: None,
     }
