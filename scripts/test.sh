@@ -6,6 +6,13 @@ cd "$(dirname "$0")/.."
 
 bash scripts/build-plugins.sh
 
+# The OCI tests run against a real registry (Debian's docker-registry) that they start themselves.
+if ! command -v docker-registry >/dev/null 2>&1 && [ ! -x /usr/bin/docker-registry ]; then
+  echo "==> installing docker-registry (Debian) for the OCI tests"
+  SUDO=""; [ "$(id -u)" -ne 0 ] && SUDO="sudo"
+  $SUDO apt-get update -qq && $SUDO apt-get install -y -qq docker-registry >/dev/null
+fi
+
 echo "==> running the workspace tests"
 cargo test --workspace --locked "$@"
 

@@ -197,6 +197,8 @@ impl HttpFilter {
             source,
             environment,
             failure_policy: self.effective_failure_policy(),
+            image_pull_policy: None,
+            image_pull_secret: None,
             origin: PluginOrigin::EnvoyFilter {
                 listener: listener.to_owned(),
                 index,

@@ -44,6 +44,79 @@ pub struct GatewayConfig {
     /// A folder of Istio WasmPlugin manifests (see [`crate::load_wasm_plugins`]).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub plugins_dir: Option<PathBuf>,
+    /// Registries (`host:port` or `host`; `*` for all) reached over plain HTTP instead of HTTPS.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub insecure_registries: Vec<String>,
+    /// A folder of pull secrets: a WasmPlugin's `imagePullSecret: NAME` reads the dockerconfigjson
+    /// in `NAME` (or `NAME.json`) there.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pull_secrets_dir: Option<PathBuf>,
+    /// How remote modules are fetched.
+    #[serde(default)]
+    pub module_fetch: ModuleFetch,
+    /// Where fetched modules and compiled artefacts are kept.
+    #[serde(default)]
+    pub module_cache: ModuleCache,
+}
+
+/// Remote module fetching (Istio's agent defaults).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct ModuleFetch {
+    /// Deadline for one module, all attempts together (default 30s, as istiod sets).
+    #[serde(with = "serde_duration")]
+    pub timeout: Duration,
+    /// Timeout of one HTTP attempt (default 15s).
+    #[serde(with = "serde_duration")]
+    pub attempt_timeout: Duration,
+    /// Attempts in all, the first included (default 5).
+    pub max_attempts: u32,
+    /// The largest module accepted, also unpacked (default 256 MiB).
+    pub max_module_bytes: usize,
+    /// Extra CA certificates (PEM files) trusted for module servers and registries.
+    pub ca_files: Vec<PathBuf>,
+    /// After a failed fetch, the first background retry waits this long, doubling up to 5 minutes
+    /// (default 1s).
+    #[serde(with = "serde_duration")]
+    pub retry_initial_backoff: Duration,
+}
+
+impl Default for ModuleFetch {
+    fn default() -> Self {
+        Self {
+            timeout: Duration::from_secs(30),
+            attempt_timeout: Duration::from_secs(15),
+            max_attempts: 5,
+            max_module_bytes: 256 << 20,
+            ca_files: Vec::new(),
+            retry_initial_backoff: Duration::from_secs(1),
+        }
+    }
+}
+
+/// The module cache.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct ModuleCache {
+    /// Default: `$WASMGATE_CACHE_DIR`, else `~/.cache/wasmgate`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub dir: Option<PathBuf>,
+    /// Modules unused this long are removed (default 24h, Istio's `WASM_MODULE_EXPIRY`).
+    #[serde(with = "serde_duration")]
+    pub expiry: Duration,
+    /// How often expiry is checked (default 1h).
+    #[serde(with = "serde_duration")]
+    pub purge_interval: Duration,
+}
+
+impl Default for ModuleCache {
+    fn default() -> Self {
+        Self {
+            dir: None,
+            expiry: Duration::from_secs(24 * 3600),
+            purge_interval: Duration::from_secs(3600),
+        }
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -317,6 +390,10 @@ impl Default for GatewayConfig {
             listeners: Vec::new(),
             clusters: Vec::new(),
             plugins_dir: None,
+            insecure_registries: Vec::new(),
+            pull_secrets_dir: None,
+            module_fetch: ModuleFetch::default(),
+            module_cache: ModuleCache::default(),
         }
     }
 }
@@ -370,6 +447,15 @@ impl GatewayConfig {
     fn resolve_paths(&mut self, base: &Path) {
         if let Some(dir) = &mut self.plugins_dir {
             *dir = crate::resolve_path(base, dir);
+        }
+        if let Some(dir) = &mut self.pull_secrets_dir {
+            *dir = crate::resolve_path(base, dir);
+        }
+        if let Some(dir) = &mut self.module_cache.dir {
+            *dir = crate::resolve_path(base, dir);
+        }
+        for ca in &mut self.module_fetch.ca_files {
+            *ca = crate::resolve_path(base, ca);
         }
         for listener in &mut self.listeners {
             for filter in &mut listener.http_filters {
@@ -511,6 +597,55 @@ impl GatewayConfig {
                 "plugins_dir".to_owned(),
                 format!("directory not found: {}", dir.display()),
             );
+        }
+        if let Some(dir) = &self.pull_secrets_dir
+            && !dir.is_dir()
+        {
+            report.push(
+                "pull_secrets_dir".to_owned(),
+                format!("directory not found: {}", dir.display()),
+            );
+        }
+        for (i, registry) in self.insecure_registries.iter().enumerate() {
+            if registry.is_empty() || registry.contains('/') || registry.contains("://") {
+                report.push(
+                    format!("insecure_registries[{i}]"),
+                    format!("{registry:?} is not a registry host (write host or host:port)"),
+                );
+            }
+        }
+        let fetch = &self.module_fetch;
+        if fetch.timeout.is_zero() {
+            report.push(
+                "module_fetch.timeout".to_owned(),
+                "must be more than 0".to_owned(),
+            );
+        }
+        if fetch.attempt_timeout.is_zero() {
+            report.push(
+                "module_fetch.attempt_timeout".to_owned(),
+                "must be more than 0".to_owned(),
+            );
+        }
+        if fetch.max_attempts == 0 {
+            report.push(
+                "module_fetch.max_attempts".to_owned(),
+                "must be at least 1".to_owned(),
+            );
+        }
+        if fetch.max_module_bytes < 8 {
+            report.push(
+                "module_fetch.max_module_bytes".to_owned(),
+                "must be at least 8 (the smallest Wasm module)".to_owned(),
+            );
+        }
+        for (i, ca) in fetch.ca_files.iter().enumerate() {
+            if !ca.is_file() {
+                report.push(
+                    format!("module_fetch.ca_files[{i}]"),
+                    format!("file not found: {}", ca.display()),
+                );
+            }
         }
         report.errors.into_result()
     }
@@ -883,6 +1018,8 @@ clusters:
                 source: CodeSource::Local(plugin.clone()),
                 environment: Vec::new(),
                 failure_policy: FailurePolicy::FailClosed,
+                image_pull_policy: None,
+                image_pull_secret: None,
                 origin: PluginOrigin::EnvoyFilter {
                     listener: "main".into(),
                     index: 0

@@ -32,6 +32,10 @@ pub struct PluginSpec {
     pub environment: Vec<(String, String)>,
     /// What a fatal plugin error does to requests.
     pub failure_policy: FailurePolicy,
+    /// A WasmPlugin's `imagePullPolicy` (`IfNotPresent` or `Always`); `None` for Istio's default.
+    pub image_pull_policy: Option<String>,
+    /// A WasmPlugin's `imagePullSecret`: the name of a dockerconfigjson secret.
+    pub image_pull_secret: Option<String>,
     /// Where the plugin was declared, for messages and `/config_dump`.
     pub origin: PluginOrigin,
 }

@@ -360,6 +360,16 @@ impl WasmPluginSpec {
             source: self.code_source(),
             environment,
             failure_policy: self.spec.fail_strategy.into(),
+            image_pull_policy: match self.spec.image_pull_policy {
+                PullPolicy::Unspecified => None,
+                PullPolicy::IfNotPresent => Some("IfNotPresent".into()),
+                PullPolicy::Always => Some("Always".into()),
+            },
+            image_pull_secret: self
+                .spec
+                .image_pull_secret
+                .clone()
+                .filter(|s| !s.is_empty()),
             origin: PluginOrigin::WasmPlugin {
                 file: self.file.clone(),
                 document: self.document,
@@ -879,6 +889,8 @@ spec:
                     ("TRUST_DOMAIN".into(), "cluster.local".into())
                 ],
                 failure_policy: FailurePolicy::FailClosed,
+                image_pull_policy: Some("IfNotPresent".into()),
+                image_pull_secret: Some("registry-pull-secret".into()),
                 origin: PluginOrigin::WasmPlugin {
                     file: "plugins.d/a.yaml".into(),
                     document: 1,

@@ -30,6 +30,8 @@ pub struct AdminState {
     /// `/plugins`: url, sha256 and state of each plugin.
     pub plugins: Arc<RwLock<serde_json::Value>>,
     pub set_log_filter: Option<LogFilterSetter>,
+    /// More Prometheus text appended to `/stats/prometheus` (the module fetcher's metrics, say).
+    pub extra_metrics: Option<Arc<dyn Fn() -> String + Send + Sync>>,
 }
 
 pub struct AdminHandle {
@@ -105,11 +107,13 @@ fn serve(state: &AdminState, request: Request<Incoming>) -> Response<Full<Bytes>
     let query = request.uri().query().unwrap_or("");
     match (request.method(), request.uri().path()) {
         (&Method::GET, "/ready") => text(StatusCode::OK, "text/plain", "LIVE\n"),
-        (&Method::GET, "/stats/prometheus") => text(
-            StatusCode::OK,
-            "text/plain; version=0.0.4",
-            state.stats.prometheus(&state.runtime.shared().metrics),
-        ),
+        (&Method::GET, "/stats/prometheus") => text(StatusCode::OK, "text/plain; version=0.0.4", {
+            let mut text = state.stats.prometheus(&state.runtime.shared().metrics);
+            if let Some(extra) = &state.extra_metrics {
+                text.push_str(&extra());
+            }
+            text
+        }),
         (&Method::GET, "/config_dump") => json(&state.config_dump.read()),
         (&Method::GET, "/plugins") => json(&state.plugins.read()),
         (&Method::GET, "/logging") => text(StatusCode::OK, "text/plain", loggers(state)),

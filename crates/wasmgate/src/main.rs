@@ -1,5 +1,6 @@
 //! The `wasmgate` binary: CLI verbs wired to the crates.
 
+mod distribution;
 mod gateway;
 mod plugin_run;
 mod quickstart;
@@ -65,6 +66,15 @@ enum PluginCommand {
         /// The .wasm file.
         file: PathBuf,
     },
+    /// Fetch a module into the cache (file, http(s) or OCI) and print its path and sha256.
+    Pull(distribution::PullArgs),
+    /// Push a module to an OCI registry as an image Istio and Wasmgate accept.
+    Push(distribution::PushArgs),
+    /// The module cache.
+    Cache {
+        #[command(subcommand)]
+        command: distribution::CacheCommand,
+    },
 }
 
 type FilterHandle = reload::Handle<EnvFilter, tracing_subscriber::Registry>;
@@ -101,6 +111,15 @@ fn main() -> ExitCode {
         Command::Plugin {
             command: PluginCommand::Inspect { file },
         } => plugin_run::inspect(&file),
+        Command::Plugin {
+            command: PluginCommand::Pull(args),
+        } => distribution::pull(args),
+        Command::Plugin {
+            command: PluginCommand::Push(args),
+        } => distribution::push(args),
+        Command::Plugin {
+            command: PluginCommand::Cache { command },
+        } => distribution::cache(command),
     };
     match result {
         Ok(code) => code,
@@ -117,7 +136,6 @@ fn run(
     admin: SocketAddr,
     filter: FilterHandle,
 ) -> anyhow::Result<ExitCode> {
-    let runtime = gateway::new_runtime()?;
     let config = match config {
         Some(path) => wasmgate_config::GatewayConfig::load(&path)
             .map_err(|errors| anyhow::anyhow!("{errors}"))?,
@@ -134,13 +152,14 @@ fn run(
             config
         }
     };
-    let prepared = gateway::prepare(&config, &runtime)?;
+    let control = gateway::Control::new(&config)?;
+    let prepared = gateway::prepare(&config, &control)?;
     let set_filter: wasmgate_dataplane::LogFilterSetter = Arc::new(move |level: &str| {
         let replacement =
             EnvFilter::try_new(format!("{level},wasm=trace")).map_err(|e| e.to_string())?;
         filter.reload(replacement).map_err(|e| e.to_string())
     });
-    gateway::serve(runtime, prepared, Some(set_filter))?;
+    gateway::serve(control, prepared, Some(set_filter))?;
     Ok(ExitCode::SUCCESS)
 }
 

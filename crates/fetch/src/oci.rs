@@ -1,0 +1,1011 @@
+//! OCI registries, as Istio's agent pulls Wasm images: the manifest first (its digest is what a
+//! WasmPlugin's `sha256` names), the module's layer only when the cache does not already hold it.
+//!
+//! Three layouts are accepted, tried in Istio's order (media types decide, annotations do not):
+//! a Docker image whose last layer holds `plugin.wasm`, an OCI image whose last layer holds
+//! `plugin.wasm` ("compat"), and Solo's artifact with exactly two layers, one of them the raw module.
+//! The v2 API is oci-client's; this module adds the SSRF guard, size caps, digest checks, layout
+//! detection and errors an operator can act on. `push` writes each layout, for tests and tooling.
+
+use std::io::Read as _;
+use std::pin::Pin;
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use oci_client::client::{Certificate, CertificateEncoding, ClientConfig, ClientProtocol};
+use oci_client::errors::{OciDistributionError, OciErrorCode};
+use oci_client::secrets::RegistryAuth;
+use oci_client::{Client, RegistryOperation};
+use rustls_pki_types::CertificateDer;
+use rustls_pki_types::pem::PemObject as _;
+use sha2::{Digest as _, Sha256};
+
+use crate::docker_config::Credentials;
+use crate::error::{FetchError, FetchErrorKind};
+use crate::{FetchOptions, OciReference, net};
+
+/// Manifest media types.
+pub const DOCKER_MANIFEST: &str = "application/vnd.docker.distribution.manifest.v2+json";
+pub const OCI_MANIFEST: &str = "application/vnd.oci.image.manifest.v1+json";
+const OCI_INDEX: &str = "application/vnd.oci.image.index.v1+json";
+const DOCKER_MANIFEST_LIST: &str = "application/vnd.docker.distribution.manifest.list.v2+json";
+/// Layer media types of the three layouts.
+pub const DOCKER_LAYER: &str = "application/vnd.docker.image.rootfs.diff.tar.gzip";
+pub const OCI_LAYER: &str = "application/vnd.oci.image.layer.v1.tar+gzip";
+pub const WASM_LAYER: &str = "application/vnd.module.wasm.content.layer.v1+wasm";
+pub const WASM_CONFIG: &str = "application/vnd.module.wasm.config.v1+json";
+/// Image configs written by `push`.
+const OCI_CONFIG: &str = "application/vnd.oci.image.config.v1+json";
+const DOCKER_CONFIG: &str = "application/vnd.docker.container.image.v1+json";
+/// wasm-to-oci's layer, which Istio does not accept (istio/istio#39990).
+const WASM_TO_OCI_LAYER: &str = "application/vnd.wasm.content.layer.v1+wasm";
+const VARIANT_ANNOTATION: &str = "module.wasm.image/variant";
+const TITLE_ANNOTATION: &str = "org.opencontainers.image.title";
+/// The file a compat image's last layer must hold.
+const PLUGIN_FILE: &str = "plugin.wasm";
+/// Manifests are small; anything bigger is not one.
+const MAX_MANIFEST_SIZE: usize = 4 << 20;
+
+/// How an image carries its module (Istio's extraction order).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum ImageLayout {
+    /// Docker manifest, last layer `application/vnd.docker.image.rootfs.diff.tar.gzip` holding
+    /// `plugin.wasm`.
+    Docker,
+    /// OCI manifest, last layer `application/vnd.oci.image.layer.v1.tar+gzip` holding `plugin.wasm`.
+    OciCompat,
+    /// Solo's Wasm artifact: exactly two layers, one `application/vnd.module.wasm.content.layer.v1+wasm`
+    /// that is the raw module.
+    Artifact,
+}
+
+/// What [`Registry::push`] writes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum ImageVariant {
+    /// OCI manifest annotated `module.wasm.image/variant=compat`, one tar+gzip layer holding
+    /// `plugin.wasm` (what `buildah` makes).
+    Compat,
+    /// Solo's artifact: the runtime config and the raw module as the two layers.
+    Artifact,
+    /// Docker manifest, one rootfs tar.gzip layer holding `plugin.wasm` (what `docker build` makes).
+    Docker,
+}
+
+/// A resolved image: its manifest digest and where its module is, without any layer downloaded.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Manifest {
+    /// `sha256:<hex>` of the manifest bytes: what Istio compares a WasmPlugin's `sha256` with.
+    pub digest: String,
+    pub layout: ImageLayout,
+    /// The manifest's media type.
+    pub media_type: String,
+    /// The layer holding the module.
+    layer: Blob,
+}
+
+impl Manifest {
+    /// Digest of the layer that holds the module.
+    pub fn layer_digest(&self) -> &str {
+        &self.layer.digest
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct Blob {
+    media_type: String,
+    /// `sha256:<64 lowercase hex>`, checked when the manifest was read.
+    digest: String,
+    size: u64,
+}
+
+/// One registry's v2 API with the credentials to use there. Cheap to keep; not tied to one image.
+pub struct Registry {
+    client: Client,
+    auth: RegistryAuth,
+    has_credentials: bool,
+    /// `host[:port]` as in the references this client serves.
+    registry: String,
+    insecure: bool,
+    attempt_timeout: Duration,
+    deadline: Duration,
+}
+
+impl std::fmt::Debug for Registry {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Registry")
+            .field("registry", &self.registry)
+            .field("insecure", &self.insecure)
+            .field("auth", &self.auth)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Registry {
+    /// A client for `reference`'s registry. `credentials` `None` means anonymous. Plain HTTP only
+    /// when `options` lists the registry as insecure; otherwise HTTPS with verified certificates
+    /// (the platform's roots plus `options.extra_root_certificates`).
+    pub fn new(
+        reference: &OciReference,
+        options: &FetchOptions,
+        credentials: Option<Credentials>,
+    ) -> Result<Self, FetchError> {
+        crate::install_crypto_provider();
+        let url = reference.to_string();
+        let mut roots = Vec::new();
+        for (index, pem) in options.extra_root_certificates.iter().enumerate() {
+            let before = roots.len();
+            for der in CertificateDer::pem_slice_iter(pem) {
+                let der = der.map_err(|e| {
+                    FetchError::new(
+                        &url,
+                        FetchErrorKind::Io,
+                        format!("extra root certificate #{index} is not valid PEM: {e}"),
+                    )
+                })?;
+                roots.push(Certificate {
+                    encoding: CertificateEncoding::Der,
+                    data: der.to_vec(),
+                });
+            }
+            if roots.len() == before {
+                return Err(FetchError::new(
+                    &url,
+                    FetchErrorKind::Io,
+                    format!("extra root certificate #{index} holds no PEM CERTIFICATE block"),
+                ));
+            }
+        }
+        let insecure = options.is_insecure(&reference.registry);
+        let config = ClientConfig {
+            protocol: if insecure {
+                ClientProtocol::Http
+            } else {
+                ClientProtocol::Https
+            },
+            extra_root_certificates: roots,
+            // Multi-platform indexes are refused with a reason rather than resolved.
+            platform_resolver: None,
+            connect_timeout: Some(options.attempt_timeout),
+            read_timeout: Some(options.attempt_timeout),
+            user_agent: concat!("wasmgate/", env!("CARGO_PKG_VERSION")),
+            ..ClientConfig::default()
+        };
+        let client = Client::try_from(config).map_err(|e| {
+            FetchError::new(
+                &url,
+                FetchErrorKind::Io,
+                format!("cannot build the registry client: {}", chain(&e)),
+            )
+        })?;
+        let (auth, has_credentials) = match credentials {
+            None => (RegistryAuth::Anonymous, false),
+            Some(Credentials::Basic { username, password }) => {
+                (RegistryAuth::Basic(username, password), true)
+            }
+            Some(Credentials::Bearer(token)) => (RegistryAuth::Bearer(token), true),
+        };
+        Ok(Self {
+            client,
+            auth,
+            has_credentials,
+            registry: reference.registry.clone(),
+            insecure,
+            attempt_timeout: options.attempt_timeout,
+            deadline: options.deadline,
+        })
+    }
+
+    /// Fetches the manifest only (no layers): its digest and the image's layout. Every failure is
+    /// a [`FetchErrorKind::ManifestFailure`], except a refused address ([`FetchErrorKind::DownloadFailure`]).
+    pub async fn resolve(&self, reference: &OciReference) -> Result<Manifest, FetchError> {
+        let image = self.prepare(reference).await?;
+        let fail = |message: String| {
+            FetchError::new(
+                reference.to_string(),
+                FetchErrorKind::ManifestFailure,
+                message,
+            )
+        };
+        let pulled = tokio::time::timeout(self.attempt_timeout, async {
+            self.authenticate(&image, RegistryOperation::Pull).await?;
+            self.client
+                .pull_manifest_raw(
+                    &image,
+                    &self.auth,
+                    &[
+                        DOCKER_MANIFEST,
+                        OCI_MANIFEST,
+                        OCI_INDEX,
+                        DOCKER_MANIFEST_LIST,
+                    ],
+                )
+                .await
+        })
+        .await;
+        let (body, _) = match pulled {
+            Err(_) => {
+                return Err(fail(format!(
+                    "registry {} did not answer within {:?}",
+                    self.registry, self.attempt_timeout
+                )));
+            }
+            Ok(Err(error)) => {
+                let what = format!(
+                    "manifest {} of repository {}",
+                    reference
+                        .digest
+                        .as_deref()
+                        .or(reference.effective_tag())
+                        .unwrap_or("latest"),
+                    reference.repository
+                );
+                return Err(fail(self.describe(&error, &what)));
+            }
+            Ok(Ok(pulled)) => pulled,
+        };
+        if body.len() > MAX_MANIFEST_SIZE {
+            return Err(fail(format!(
+                "the manifest is {} bytes, more than a manifest can be ({MAX_MANIFEST_SIZE})",
+                body.len()
+            )));
+        }
+        let digest = sha256_digest(&body);
+        if let Some(pinned) = &reference.digest
+            && !pinned.eq_ignore_ascii_case(&digest)
+        {
+            return Err(fail(format!(
+                "the registry sent a manifest whose digest is {digest}, not the {pinned} asked for"
+            )));
+        }
+        let (media_type, layout, layer) = detect_layout(&body).map_err(fail)?;
+        Ok(Manifest {
+            digest,
+            layout,
+            media_type,
+            layer,
+        })
+    }
+
+    /// Downloads the module `manifest` points at: the last layer's `plugin.wasm` for Docker and
+    /// compat images, the raw Wasm layer for artifacts. `max_size` caps the download and the
+    /// unpacked module. Transport, size and digest problems are [`FetchErrorKind::DownloadFailure`];
+    /// content without a module is [`FetchErrorKind::FetchFailure`].
+    pub async fn module(
+        &self,
+        reference: &OciReference,
+        manifest: &Manifest,
+        max_size: usize,
+    ) -> Result<Vec<u8>, FetchError> {
+        let url = reference.to_string();
+        let download =
+            |message: String| FetchError::new(&url, FetchErrorKind::DownloadFailure, message);
+        let image = self.prepare(reference).await?;
+        let layer = &manifest.layer;
+        if layer.size > max_size as u64 {
+            return Err(download(format!(
+                "layer {} is {} bytes, above the {max_size}-byte limit",
+                layer.digest, layer.size
+            )));
+        }
+        let mut buffer = CappedBuffer::new(max_size);
+        // The token (if any) comes from oci-client's cache, or is fetched with the stored auth.
+        let pulled = tokio::time::timeout(
+            self.deadline,
+            self.client
+                .pull_blob(&image, layer.digest.as_str(), &mut buffer),
+        )
+        .await;
+        match pulled {
+            Err(_) => {
+                return Err(download(format!(
+                    "layer {} did not arrive within {:?}",
+                    layer.digest, self.deadline
+                )));
+            }
+            Ok(Err(_)) if buffer.exceeded => {
+                return Err(download(format!(
+                    "layer {} is larger than the {max_size}-byte limit",
+                    layer.digest
+                )));
+            }
+            Ok(Err(error)) => {
+                return Err(download(
+                    self.describe(&error, &format!("layer {}", layer.digest)),
+                ));
+            }
+            Ok(Ok(())) => {}
+        }
+        let data = buffer.data;
+        // oci-client checks the digest while streaming; check again, it is the whole point.
+        let actual = sha256_digest(&data);
+        if actual != layer.digest {
+            return Err(download(format!(
+                "layer {} arrived with digest {actual}: corrupted or tampered with",
+                layer.digest
+            )));
+        }
+        if data.len() as u64 != layer.size {
+            return Err(download(format!(
+                "layer {} is {} bytes, the manifest says {}",
+                layer.digest,
+                data.len(),
+                layer.size
+            )));
+        }
+        match manifest.layout {
+            ImageLayout::Artifact => Ok(data),
+            ImageLayout::Docker | ImageLayout::OciCompat => {
+                let extracted =
+                    tokio::task::spawn_blocking(move || extract_plugin(&data, max_size))
+                        .await
+                        .map_err(|e| download(format!("unpacking the layer failed: {e}")))?;
+                extracted.map_err(|(kind, message)| FetchError::new(&url, kind, message))
+            }
+        }
+    }
+
+    /// Pushes `module` as an image of `variant` under `reference`; returns the manifest digest
+    /// `sha256:<hex>`. Failures are [`FetchErrorKind::DownloadFailure`] saying what failed.
+    pub async fn push(
+        &self,
+        reference: &OciReference,
+        module: &[u8],
+        variant: ImageVariant,
+    ) -> Result<String, FetchError> {
+        let url = reference.to_string();
+        let fail =
+            |message: String| FetchError::new(&url, FetchErrorKind::DownloadFailure, message);
+        let image = self.prepare(reference).await?;
+        let built = build_image(module, variant)
+            .map_err(|e| fail(format!("cannot build the image: {e}")))?;
+        let digest = sha256_digest(&built.manifest);
+        if let Some(pinned) = &reference.digest
+            && !pinned.eq_ignore_ascii_case(&digest)
+        {
+            return Err(fail(format!(
+                "cannot push to {pinned}: the image's manifest digest is {digest}"
+            )));
+        }
+        let pushed = tokio::time::timeout(self.deadline, async {
+            self.authenticate(&image, RegistryOperation::Push)
+                .await
+                .map_err(|e| self.describe(&e, "the push"))?;
+            for (blob, blob_digest) in &built.blobs {
+                self.client
+                    .push_blob(&image, blob.clone(), blob_digest)
+                    .await
+                    .map_err(|e| self.describe(&e, &format!("uploading blob {blob_digest}")))?;
+            }
+            let content_type = built
+                .media_type
+                .parse()
+                .map_err(|_| format!("bad media type {}", built.media_type))?;
+            self.client
+                .push_manifest_raw(&image, built.manifest.clone(), content_type)
+                .await
+                .map_err(|e| self.describe(&e, "the manifest upload"))?;
+            Ok::<_, String>(())
+        })
+        .await;
+        match pushed {
+            Err(_) => Err(fail(format!(
+                "the push to registry {} did not finish within {:?}",
+                self.registry, self.deadline
+            ))),
+            Ok(Err(message)) => Err(fail(message)),
+            Ok(Ok(())) => Ok(digest),
+        }
+    }
+
+    /// Checks `reference` is for this registry and its address is allowed; returns oci-client's
+    /// reference with the registry's credentials stored.
+    async fn prepare(&self, reference: &OciReference) -> Result<oci_client::Reference, FetchError> {
+        let url = reference.to_string();
+        if reference.registry != self.registry {
+            return Err(FetchError::new(
+                url,
+                FetchErrorKind::InvalidUrl,
+                format!(
+                    "the image is on registry {}, this client is for {}",
+                    reference.registry, self.registry
+                ),
+            ));
+        }
+        let image = reference.to_client_reference();
+        let (host, port) = host_port(image.resolve_registry(), self.insecure);
+        net::check_host(&host, port)
+            .await
+            .map_err(|message| FetchError::new(&url, FetchErrorKind::DownloadFailure, message))?;
+        self.client
+            .store_auth_if_needed(image.resolve_registry(), &self.auth)
+            .await;
+        Ok(image)
+    }
+
+    /// Runs the registry's auth handshake up front, so that a token server refusing the
+    /// credentials is reported as such (oci-client would otherwise go on anonymously).
+    async fn authenticate(
+        &self,
+        image: &oci_client::Reference,
+        operation: RegistryOperation,
+    ) -> Result<(), OciDistributionError> {
+        self.client
+            .auth(image, &self.auth, operation)
+            .await
+            .map(drop)
+    }
+
+    /// A sentence about `error`, met while getting `what`.
+    fn describe(&self, error: &OciDistributionError, what: &str) -> String {
+        let registry = &self.registry;
+        let refused = |status: &str| {
+            if self.has_credentials {
+                format!("registry {registry} refused the credentials ({status}) for {what}")
+            } else {
+                format!(
+                    "registry {registry} requires credentials ({status}) for {what} and none were given: set an imagePullSecret"
+                )
+            }
+        };
+        match error {
+            OciDistributionError::UnauthorizedError { .. } => refused("401"),
+            OciDistributionError::AuthenticationFailure(reason) => {
+                let reason = short(reason);
+                if self.has_credentials {
+                    format!(
+                        "registry {registry} refused the credentials (token exchange): {reason}"
+                    )
+                } else {
+                    format!("registry {registry} refused an anonymous token: {reason}")
+                }
+            }
+            OciDistributionError::RegistryError { envelope, .. } => {
+                let codes: Vec<String> = envelope
+                    .errors
+                    .iter()
+                    .map(|e| {
+                        // The wire form (MANIFEST_UNKNOWN), as registries document it.
+                        let code = serde_json::to_value(&e.code)
+                            .ok()
+                            .and_then(|v| v.as_str().map(str::to_owned))
+                            .unwrap_or_else(|| format!("{:?}", e.code));
+                        format!("{code}: {}", e.message)
+                    })
+                    .collect();
+                let codes = codes.join("; ");
+                let has = |code: OciErrorCode| envelope.errors.iter().any(|e| e.code == code);
+                if has(OciErrorCode::ManifestUnknown) || has(OciErrorCode::NotFound) {
+                    format!("{what} was not found on registry {registry} (404 {codes})")
+                } else if has(OciErrorCode::NameUnknown) {
+                    format!(
+                        "{what} was not found: no such repository on registry {registry} (404 {codes})"
+                    )
+                } else if has(OciErrorCode::BlobUnknown) {
+                    format!("{what} is missing from registry {registry} ({codes})")
+                } else if has(OciErrorCode::Unauthorized) {
+                    refused("401")
+                } else if has(OciErrorCode::Denied) {
+                    refused("403 denied")
+                } else {
+                    format!("registry {registry} refused {what}: {codes}")
+                }
+            }
+            OciDistributionError::ServerError { code, message, .. } => match code {
+                401 => refused("401"),
+                403 => refused("403"),
+                404 => format!("{what} was not found on registry {registry} (404)"),
+                _ => format!(
+                    "registry {registry} answered {code} for {what}: {}",
+                    short(message)
+                ),
+            },
+            OciDistributionError::RequestError(e) => {
+                let text = chain(e);
+                let lower = text.to_ascii_lowercase();
+                let hint = if lower.contains("certificate") || lower.contains("unknownissuer") {
+                    " (the registry's TLS certificate is not trusted: add its CA to the extra root certificates)"
+                } else if lower.contains("invalidcontenttype") || lower.contains("corrupt message")
+                {
+                    " (the registry seems to speak plain HTTP: list it as an insecure registry to use HTTP)"
+                } else {
+                    ""
+                };
+                let scheme = if self.insecure { "http" } else { "https" };
+                if e.is_timeout() {
+                    format!("registry {registry} did not answer in time for {what}: {text}")
+                } else if e.is_connect() {
+                    format!(
+                        "cannot connect to registry {registry} over {scheme} for {what}: {text}{hint}"
+                    )
+                } else {
+                    format!("request to registry {registry} for {what} failed: {text}{hint}")
+                }
+            }
+            OciDistributionError::DigestError(e) => {
+                format!("{what} from registry {registry} does not match its digest: {e}")
+            }
+            OciDistributionError::SpecViolationError(e) => {
+                format!("registry {registry} broke the distribution spec on {what}: {e}")
+            }
+            other => format!("{what} from registry {registry}: {}", chain(other)),
+        }
+    }
+}
+
+/// Reads the manifest JSON and tells where the module is, in Istio's order.
+fn detect_layout(body: &[u8]) -> Result<(String, ImageLayout, Blob), String> {
+    #[derive(serde::Deserialize)]
+    #[serde(rename_all = "camelCase")]
+    struct Raw {
+        schema_version: Option<i64>,
+        media_type: Option<String>,
+        #[serde(default)]
+        layers: Option<Vec<RawDescriptor>>,
+        #[serde(default)]
+        manifests: Option<serde_json::Value>,
+    }
+    #[derive(serde::Deserialize)]
+    #[serde(rename_all = "camelCase")]
+    struct RawDescriptor {
+        media_type: String,
+        digest: String,
+        size: i64,
+    }
+    let raw: Raw =
+        serde_json::from_slice(body).map_err(|e| format!("the manifest is not valid JSON: {e}"))?;
+    if raw.schema_version != Some(2) {
+        return Err(format!(
+            "manifest schemaVersion {:?} is not supported (only 2)",
+            raw.schema_version
+        ));
+    }
+    let media_type = match raw.media_type {
+        Some(media_type) => media_type,
+        // OCI lets a manifest leave its media type out.
+        None if raw.manifests.is_some() => OCI_INDEX.to_owned(),
+        None => OCI_MANIFEST.to_owned(),
+    };
+    if media_type == OCI_INDEX || media_type == DOCKER_MANIFEST_LIST {
+        return Err(format!(
+            "manifest media type {media_type} is a multi-platform image index, not a Wasm image layout: push a single-platform image"
+        ));
+    }
+    if media_type != DOCKER_MANIFEST && media_type != OCI_MANIFEST {
+        return Err(format!(
+            "manifest media type {media_type} is not a Wasm image layout (want {DOCKER_MANIFEST} or {OCI_MANIFEST})"
+        ));
+    }
+    let mut layers = Vec::new();
+    for layer in raw.layers.unwrap_or_default() {
+        let digest = layer.digest.to_ascii_lowercase();
+        let valid = digest
+            .strip_prefix("sha256:")
+            .is_some_and(|hex| hex.len() == 64 && hex.bytes().all(|b| b.is_ascii_hexdigit()));
+        if !valid {
+            return Err(format!(
+                "layer digest {:?} is not sha256:<64 hex digits>",
+                layer.digest
+            ));
+        }
+        let size = u64::try_from(layer.size)
+            .map_err(|_| format!("layer {digest} has a negative size {}", layer.size))?;
+        layers.push(Blob {
+            media_type: layer.media_type,
+            digest,
+            size,
+        });
+    }
+    let listed = || {
+        let types: Vec<&str> = layers.iter().map(|l| l.media_type.as_str()).collect();
+        format!("[{}]", types.join(", "))
+    };
+    let Some(last) = layers.last() else {
+        return Err(format!(
+            "manifest media type {media_type} is not a Wasm image layout: the image has no layers"
+        ));
+    };
+    if media_type == DOCKER_MANIFEST {
+        if last.media_type != DOCKER_LAYER {
+            return Err(format!(
+                "manifest media type {media_type} is not a Wasm image layout: its last layer is {} (want {DOCKER_LAYER} holding {PLUGIN_FILE})",
+                last.media_type
+            ));
+        }
+        return Ok((media_type, ImageLayout::Docker, last.clone()));
+    }
+    if last.media_type == OCI_LAYER {
+        return Ok((media_type, ImageLayout::OciCompat, last.clone()));
+    }
+    if layers.len() == 2
+        && let Some(wasm) = layers.iter().find(|l| l.media_type == WASM_LAYER)
+    {
+        return Ok((media_type, ImageLayout::Artifact, wasm.clone()));
+    }
+    if layers.iter().any(|l| l.media_type == WASM_TO_OCI_LAYER) {
+        return Err(format!(
+            "manifest media type {media_type} is a wasm-to-oci artifact ({WASM_TO_OCI_LAYER}), which Istio does not accept either: push the module as a compat image (a {OCI_LAYER} layer holding {PLUGIN_FILE})"
+        ));
+    }
+    Err(format!(
+        "manifest media type {media_type} is not a Wasm image layout: layers are {}; want the last layer {OCI_LAYER} holding {PLUGIN_FILE}, or exactly 2 layers one of which is {WASM_LAYER}",
+        listed()
+    ))
+}
+
+/// The first regular file named `plugin.wasm` (any directory) in a gzip'd tar, as Istio takes it.
+fn extract_plugin(layer: &[u8], max_size: usize) -> Result<Vec<u8>, (FetchErrorKind, String)> {
+    let not_archive = |e: std::io::Error| {
+        (
+            FetchErrorKind::FetchFailure,
+            format!("the last layer is not a gzip'd tar: {e}"),
+        )
+    };
+    // The whole unpacked stream is bounded too, so a gzip bomb of other files cannot run long.
+    let limit = (max_size as u64).saturating_mul(2).saturating_add(1 << 20);
+    let stream = flate2::read::GzDecoder::new(layer).take(limit);
+    let mut archive = tar::Archive::new(stream);
+    for entry in archive.entries().map_err(not_archive)? {
+        let entry = entry.map_err(not_archive)?;
+        let header = entry.header();
+        let path = entry.path().map_err(not_archive)?;
+        let is_plugin = path.file_name().is_some_and(|n| n == PLUGIN_FILE);
+        if !is_plugin || !header.entry_type().is_file() {
+            continue;
+        }
+        let declared = header.size().map_err(not_archive)?;
+        if declared > max_size as u64 {
+            return Err((
+                FetchErrorKind::DownloadFailure,
+                format!("{PLUGIN_FILE} is {declared} bytes, above the {max_size}-byte limit"),
+            ));
+        }
+        let mut module = Vec::with_capacity(declared as usize);
+        entry
+            .take(max_size as u64 + 1)
+            .read_to_end(&mut module)
+            .map_err(not_archive)?;
+        if module.len() > max_size {
+            return Err((
+                FetchErrorKind::DownloadFailure,
+                format!("{PLUGIN_FILE} is larger than the {max_size}-byte limit"),
+            ));
+        }
+        return Ok(module);
+    }
+    Err((
+        FetchErrorKind::FetchFailure,
+        format!("the image has no {PLUGIN_FILE} in its last layer"),
+    ))
+}
+
+/// An image ready to push: blobs (config included) and the manifest.
+struct BuiltImage {
+    blobs: Vec<(Vec<u8>, String)>,
+    manifest: Vec<u8>,
+    media_type: &'static str,
+}
+
+fn build_image(module: &[u8], variant: ImageVariant) -> Result<BuiltImage, std::io::Error> {
+    let descriptor = |media_type: &str, data: &[u8], title: Option<&str>| {
+        let mut d = serde_json::json!({
+            "mediaType": media_type,
+            "digest": sha256_digest(data),
+            "size": data.len(),
+        });
+        if let Some(title) = title {
+            d["annotations"] = serde_json::json!({ TITLE_ANNOTATION: title });
+        }
+        d
+    };
+    let image_config = |tar: &[u8]| {
+        serde_json::to_vec(&serde_json::json!({
+            "architecture": "amd64",
+            "os": "linux",
+            "config": {},
+            "rootfs": { "type": "layers", "diff_ids": [sha256_digest(tar)] },
+        }))
+        .expect("a JSON value serialises")
+    };
+    match variant {
+        ImageVariant::Compat | ImageVariant::Docker => {
+            let tar = plugin_tar(module)?;
+            let layer = gzip(&tar)?;
+            let config = image_config(&tar);
+            let manifest = if variant == ImageVariant::Docker {
+                serde_json::json!({
+                    "schemaVersion": 2,
+                    "mediaType": DOCKER_MANIFEST,
+                    "config": descriptor(DOCKER_CONFIG, &config, None),
+                    "layers": [descriptor(DOCKER_LAYER, &layer, None)],
+                })
+            } else {
+                serde_json::json!({
+                    "schemaVersion": 2,
+                    "mediaType": OCI_MANIFEST,
+                    "config": descriptor(OCI_CONFIG, &config, None),
+                    "layers": [descriptor(OCI_LAYER, &layer, None)],
+                    "annotations": { VARIANT_ANNOTATION: "compat" },
+                })
+            };
+            Ok(BuiltImage {
+                manifest: serde_json::to_vec(&manifest)?,
+                media_type: if variant == ImageVariant::Docker {
+                    DOCKER_MANIFEST
+                } else {
+                    OCI_MANIFEST
+                },
+                blobs: vec![
+                    (config.clone(), sha256_digest(&config)),
+                    (layer.clone(), sha256_digest(&layer)),
+                ],
+            })
+        }
+        ImageVariant::Artifact => {
+            let config = serde_json::to_vec(&serde_json::json!({
+                "type": "envoy_proxy",
+                "abiVersions": ["v0.2.1"],
+                "config": { "root_ids": [] },
+            }))?;
+            let config_descriptor = descriptor(WASM_CONFIG, &config, Some("runtime-config.json"));
+            let manifest = serde_json::json!({
+                "schemaVersion": 2,
+                "mediaType": OCI_MANIFEST,
+                "config": config_descriptor,
+                "layers": [config_descriptor, descriptor(WASM_LAYER, module, Some(PLUGIN_FILE))],
+            });
+            Ok(BuiltImage {
+                manifest: serde_json::to_vec(&manifest)?,
+                media_type: OCI_MANIFEST,
+                blobs: vec![
+                    (config.clone(), sha256_digest(&config)),
+                    (module.to_vec(), sha256_digest(module)),
+                ],
+            })
+        }
+    }
+}
+
+/// A tar holding `module` as `plugin.wasm`, reproducibly (no times, no owners).
+pub(crate) fn plugin_tar(module: &[u8]) -> Result<Vec<u8>, std::io::Error> {
+    tar_of(&[(PLUGIN_FILE, module)])
+}
+
+/// A tar of regular files, reproducibly.
+pub(crate) fn tar_of(files: &[(&str, &[u8])]) -> Result<Vec<u8>, std::io::Error> {
+    let mut builder = tar::Builder::new(Vec::new());
+    for (name, data) in files {
+        let mut header = tar::Header::new_ustar();
+        header.set_size(data.len() as u64);
+        header.set_mode(0o644);
+        header.set_mtime(0);
+        header.set_entry_type(tar::EntryType::Regular);
+        builder.append_data(&mut header, name, *data)?;
+    }
+    builder.into_inner()
+}
+
+pub(crate) fn gzip(data: &[u8]) -> Result<Vec<u8>, std::io::Error> {
+    use std::io::Write as _;
+    let mut encoder = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::default());
+    encoder.write_all(data)?;
+    encoder.finish()
+}
+
+fn sha256_digest(data: &[u8]) -> String {
+    format!("sha256:{}", hex::encode(Sha256::digest(data)))
+}
+
+/// `host` and port of a registry as oci-client addresses it (`host`, `host:port`, `[v6]:port`).
+fn host_port(registry: &str, insecure: bool) -> (String, u16) {
+    let default = if insecure { 80 } else { 443 };
+    if let Some(rest) = registry.strip_prefix('[')
+        && let Some((host, after)) = rest.split_once(']')
+    {
+        let port = after
+            .strip_prefix(':')
+            .and_then(|p| p.parse().ok())
+            .unwrap_or(default);
+        return (format!("[{host}]"), port);
+    }
+    match registry.rsplit_once(':') {
+        Some((host, port)) if !host.contains(':') => match port.parse() {
+            Ok(port) => (host.to_owned(), port),
+            Err(_) => (registry.to_owned(), default),
+        },
+        _ => (registry.to_owned(), default),
+    }
+}
+
+/// An error and its sources, without repeating a source its parent already quoted.
+fn chain(error: &dyn std::error::Error) -> String {
+    let mut text = error.to_string();
+    let mut source = error.source();
+    while let Some(cause) = source {
+        let part = cause.to_string();
+        if !text.contains(&part) {
+            text.push_str(": ");
+            text.push_str(&part);
+        }
+        source = cause.source();
+    }
+    text
+}
+
+/// A registry's error body, cut to a readable length.
+fn short(text: &str) -> String {
+    let text = text.trim();
+    match text.char_indices().nth(300) {
+        Some((cut, _)) => format!("{}...", &text[..cut]),
+        None => text.to_owned(),
+    }
+}
+
+/// A writer for oci-client's blob download that refuses to grow past a limit.
+struct CappedBuffer {
+    data: Vec<u8>,
+    cap: usize,
+    exceeded: bool,
+}
+
+impl CappedBuffer {
+    fn new(cap: usize) -> Self {
+        Self {
+            data: Vec::new(),
+            cap,
+            exceeded: false,
+        }
+    }
+}
+
+impl tokio::io::AsyncWrite for CappedBuffer {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        _: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<std::io::Result<usize>> {
+        if self.data.len().saturating_add(buf.len()) > self.cap {
+            self.exceeded = true;
+            return Poll::Ready(Err(std::io::Error::other(
+                "the blob is larger than the size limit",
+            )));
+        }
+        self.data.extend_from_slice(buf);
+        Poll::Ready(Ok(buf.len()))
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Poll::Ready(Ok(()))
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Poll::Ready(Ok(()))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn manifest(media_type: Option<&str>, layers: &[&str]) -> Vec<u8> {
+        let layers: Vec<_> = layers
+            .iter()
+            .enumerate()
+            .map(|(i, t)| {
+                serde_json::json!({"mediaType": t, "digest": format!("sha256:{:064x}", i), "size": 10})
+            })
+            .collect();
+        let mut m = serde_json::json!({"schemaVersion": 2, "layers": layers});
+        if let Some(t) = media_type {
+            m["mediaType"] = t.into();
+        }
+        serde_json::to_vec(&m).unwrap()
+    }
+
+    #[test]
+    fn detects_layouts_in_istio_order() {
+        let detect =
+            |t, l: &[&str]| detect_layout(&manifest(t, l)).map(|(_, layout, b)| (layout, b.digest));
+        let d = |i: u32| format!("sha256:{i:064x}");
+        assert_eq!(
+            detect(Some(DOCKER_MANIFEST), &[DOCKER_LAYER]).unwrap(),
+            (ImageLayout::Docker, d(0))
+        );
+        assert_eq!(
+            detect(Some(DOCKER_MANIFEST), &[DOCKER_LAYER, DOCKER_LAYER]).unwrap(),
+            (ImageLayout::Docker, d(1))
+        );
+        assert_eq!(
+            detect(Some(OCI_MANIFEST), &[OCI_LAYER]).unwrap(),
+            (ImageLayout::OciCompat, d(0))
+        );
+        assert_eq!(
+            detect(None, &[OCI_LAYER]).unwrap(),
+            (ImageLayout::OciCompat, d(0))
+        );
+        assert_eq!(
+            detect(Some(OCI_MANIFEST), &[WASM_CONFIG, WASM_LAYER]).unwrap(),
+            (ImageLayout::Artifact, d(1))
+        );
+        for (t, layers, reason) in [
+            (
+                Some(DOCKER_MANIFEST),
+                &[OCI_LAYER][..],
+                "last layer is application/vnd.oci",
+            ),
+            (Some(OCI_MANIFEST), &[WASM_LAYER], "not a Wasm image layout"),
+            (
+                Some(OCI_MANIFEST),
+                &[WASM_CONFIG, WASM_LAYER, WASM_LAYER],
+                "exactly 2 layers",
+            ),
+            (Some(OCI_MANIFEST), &[WASM_TO_OCI_LAYER], "wasm-to-oci"),
+            (Some(OCI_MANIFEST), &[], "no layers"),
+            (Some(OCI_INDEX), &[], "index"),
+            (
+                Some("text/plain"),
+                &[OCI_LAYER],
+                "text/plain is not a Wasm image layout",
+            ),
+        ] {
+            let error = detect(t, layers).unwrap_err();
+            assert!(error.contains(reason), "{t:?} {layers:?}: {error}");
+        }
+        let bad_digest = br#"{"schemaVersion":2,"layers":[{"mediaType":"x","digest":"sha256:../../etc","size":1}]}"#;
+        assert!(
+            detect_layout(bad_digest)
+                .unwrap_err()
+                .contains("not sha256")
+        );
+        assert!(
+            detect_layout(b"{\"schemaVersion\":1}")
+                .unwrap_err()
+                .contains("schemaVersion")
+        );
+    }
+
+    #[test]
+    fn extracts_plugin_wasm_and_enforces_the_cap() {
+        let module = b"\0asm\x01\0\0\0";
+        let layer = gzip(
+            &tar_of(&[
+                ("runtime-config.json", b"{}"),
+                ("./dir/plugin.wasm", module),
+            ])
+            .unwrap(),
+        )
+        .unwrap();
+        assert_eq!(extract_plugin(&layer, 1024).unwrap(), module);
+        let (kind, message) = extract_plugin(&layer, 4).unwrap_err();
+        assert_eq!(kind, FetchErrorKind::DownloadFailure, "{message}");
+        assert!(message.contains("limit"), "{message}");
+        let other = gzip(&tar_of(&[("other.wasm", module)]).unwrap()).unwrap();
+        let (kind, message) = extract_plugin(&other, 1024).unwrap_err();
+        assert_eq!(kind, FetchErrorKind::FetchFailure);
+        assert!(message.contains("no plugin.wasm"), "{message}");
+        let (kind, message) = extract_plugin(module, 1024).unwrap_err();
+        assert_eq!(kind, FetchErrorKind::FetchFailure);
+        assert!(message.contains("gzip"), "{message}");
+    }
+
+    #[tokio::test]
+    async fn capped_buffer_refuses_to_grow_past_its_limit() {
+        use tokio::io::AsyncWriteExt as _;
+        let mut buffer = CappedBuffer::new(4);
+        buffer.write_all(b"abcd").await.unwrap();
+        assert!(buffer.write_all(b"e").await.is_err());
+        assert!(buffer.exceeded);
+        assert_eq!(buffer.data, b"abcd");
+    }
+
+    #[test]
+    fn splits_registry_host_and_port() {
+        assert_eq!(
+            host_port("127.0.0.1:5000", false),
+            ("127.0.0.1".into(), 5000)
+        );
+        assert_eq!(host_port("ghcr.io", false), ("ghcr.io".into(), 443));
+        assert_eq!(host_port("r.local", true), ("r.local".into(), 80));
+        assert_eq!(host_port("[::1]:5000", false), ("[::1]".into(), 5000));
+        assert_eq!(host_port("[::1]", false), ("[::1]".into(), 443));
+    }
+}
