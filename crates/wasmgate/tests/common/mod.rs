@@ -1,0 +1,264 @@
+//! The `wasmgate` binary as a test drives it: started with a config, its printed addresses
+//! read, plain HTTP/1.1 requests, a simple upstream.
+
+// Each test binary that declares `mod common` compiles this; not all of them use all of it.
+#![allow(dead_code)]
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::{SocketAddr, TcpStream};
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::sync::Arc;
+use std::time::Duration;
+
+use parking_lot::Mutex;
+
+pub fn wasmgate() -> Command {
+    let mut command = Command::new(env!("CARGO_BIN_EXE_wasmgate"));
+    command.env(
+        "WASMGATE_CACHE_DIR",
+        repo().join("target/wasmgate-test-cache"),
+    );
+    command
+}
+
+pub fn repo() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../..")
+}
+
+pub fn plugin(name: &str) -> PathBuf {
+    let path = repo().join(format!("plugins/target/wasm32-wasip1/release/{name}.wasm"));
+    assert!(
+        path.is_file(),
+        "{} is missing; run scripts/build-plugins.sh",
+        path.display()
+    );
+    std::fs::canonicalize(path).unwrap()
+}
+
+/// A running gateway process, killed on drop.
+pub struct Running {
+    pub child: Child,
+    pub listeners: Vec<(String, SocketAddr)>,
+    pub admin: SocketAddr,
+    /// Everything the process wrote to stderr so far (when started with [`start_capturing`]).
+    pub stderr: Arc<Mutex<String>>,
+}
+
+impl Drop for Running {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Running {
+    pub fn listener(&self, name: &str) -> SocketAddr {
+        self.listeners
+            .iter()
+            .find(|(n, _)| n == name)
+            .map(|(_, a)| *a)
+            .expect("listener printed")
+    }
+
+    pub fn terminate(&mut self) -> std::process::ExitStatus {
+        let status = Command::new("kill")
+            .arg("-TERM")
+            .arg(self.child.id().to_string())
+            .status()
+            .unwrap();
+        assert!(status.success());
+        self.child.wait().unwrap()
+    }
+}
+
+/// Starts `wasmgate` with `args` and reads the addresses it prints once ready.
+pub fn start(args: &[&str]) -> Running {
+    start_with(wasmgate().args(args), false)
+}
+
+/// As [`start`], keeping what the process writes to stderr in [`Running::stderr`] (and still
+/// echoing it, so a failing test shows it).
+pub fn start_capturing(command: &mut Command) -> Running {
+    start_with(command, true)
+}
+
+fn start_with(command: &mut Command, capture: bool) -> Running {
+    let mut child = command
+        .stdout(Stdio::piped())
+        .stderr(if capture {
+            Stdio::piped()
+        } else {
+            Stdio::inherit()
+        })
+        .spawn()
+        .unwrap();
+    let stderr = Arc::new(Mutex::new(String::new()));
+    if let Some(pipe) = child.stderr.take() {
+        let stderr = stderr.clone();
+        std::thread::spawn(move || {
+            for line in BufReader::new(pipe).lines().map_while(Result::ok) {
+                eprintln!("{line}");
+                let mut text = stderr.lock();
+                text.push_str(&line);
+                text.push('\n');
+            }
+        });
+    }
+    let stdout = child.stdout.take().unwrap();
+    let mut lines = BufReader::new(stdout).lines();
+    let mut listeners = Vec::new();
+    let admin = loop {
+        let line = lines
+            .next()
+            .expect("wasmgate printed its addresses")
+            .unwrap();
+        if let Some(rest) = line.strip_prefix("listener ") {
+            let (name, address) = rest.split_once(" on ").unwrap();
+            listeners.push((name.to_owned(), address.parse().unwrap()));
+        } else if let Some(address) = line.strip_prefix("admin on ") {
+            break address.parse().unwrap();
+        }
+    };
+    std::thread::spawn(move || for _ in lines {});
+    Running {
+        child,
+        listeners,
+        admin,
+        stderr,
+    }
+}
+
+/// One HTTP/1.1 request with `connection: close`; returns (status, headers+body text).
+pub fn http(address: SocketAddr, request: &str) -> (u16, String) {
+    let mut stream = TcpStream::connect(address).unwrap();
+    stream
+        .set_read_timeout(Some(Duration::from_secs(10)))
+        .unwrap();
+    stream.write_all(request.as_bytes()).unwrap();
+    let mut answer = String::new();
+    stream.read_to_string(&mut answer).unwrap();
+    let status = answer
+        .split(' ')
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(0);
+    (status, answer)
+}
+
+pub fn get(address: SocketAddr, path: &str, extra: &str) -> (u16, String) {
+    http(
+        address,
+        &format!("GET {path} HTTP/1.1\r\nhost: localhost\r\nconnection: close\r\n{extra}\r\n"),
+    )
+}
+
+/// Reads a request's line and headers (the tests' requests have no body); `None` if the client
+/// went away first.
+fn read_request_head(stream: &mut TcpStream) -> Option<String> {
+    let mut buffer = [0u8; 4096];
+    let mut request = Vec::new();
+    while !request.windows(4).any(|w| w == b"\r\n\r\n") {
+        match stream.read(&mut buffer) {
+            Ok(0) | Err(_) => return None,
+            Ok(n) => request.extend_from_slice(&buffer[..n]),
+        }
+    }
+    Some(String::from_utf8_lossy(&request).into_owned())
+}
+
+/// A plain upstream on a thread: answers every request 200 "upstream says hi" after `delay`.
+pub fn upstream(delay: Duration) -> SocketAddr {
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let address = listener.local_addr().unwrap();
+    std::thread::spawn(move || {
+        for stream in listener.incoming() {
+            let Ok(mut stream) = stream else { continue };
+            std::thread::spawn(move || {
+                if read_request_head(&mut stream).is_none() {
+                    return;
+                }
+                std::thread::sleep(delay);
+                let body = "upstream says hi";
+                let _ = write!(
+                    stream,
+                    "HTTP/1.1 200 OK\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}",
+                    body.len()
+                );
+            });
+        }
+    });
+    address
+}
+
+/// Path to (status, body).
+type Routes = Arc<Mutex<std::collections::HashMap<String, (u16, Vec<u8>)>>>;
+
+/// A module server on a thread: answers each path with what [`ModuleServer::set`] last put there
+/// (404 for unknown paths), and counts requests per path.
+pub struct ModuleServer {
+    pub address: SocketAddr,
+    routes: Routes,
+}
+
+impl ModuleServer {
+    pub fn start() -> Self {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let address = listener.local_addr().unwrap();
+        let routes: Routes = Arc::default();
+        let served = routes.clone();
+        std::thread::spawn(move || {
+            for stream in listener.incoming() {
+                let Ok(mut stream) = stream else { continue };
+                let served = served.clone();
+                std::thread::spawn(move || {
+                    let Some(head) = read_request_head(&mut stream) else {
+                        return;
+                    };
+                    let path = head.split_whitespace().nth(1).unwrap_or("/").to_owned();
+                    let (status, body) = served
+                        .lock()
+                        .get(&path)
+                        .cloned()
+                        .unwrap_or((404, b"not found".to_vec()));
+                    let _ = write!(
+                        stream,
+                        "HTTP/1.1 {status} X\r\ncontent-length: {}\r\nconnection: close\r\n\r\n",
+                        body.len()
+                    );
+                    let _ = stream.write_all(&body);
+                });
+            }
+        });
+        Self { address, routes }
+    }
+
+    pub fn set(&self, path: &str, status: u16, body: &[u8]) {
+        self.routes
+            .lock()
+            .insert(path.to_owned(), (status, body.to_vec()));
+    }
+
+    pub fn url(&self, path: &str) -> String {
+        format!("http://{}{path}", self.address)
+    }
+}
+
+/// Polls `check` every 50 ms until it holds or `within` passes; returns whether it held.
+pub fn eventually(within: Duration, mut check: impl FnMut() -> bool) -> bool {
+    let deadline = std::time::Instant::now() + within;
+    loop {
+        if check() {
+            return true;
+        }
+        if std::time::Instant::now() > deadline {
+            return false;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+pub fn sha256_hex(bytes: &[u8]) -> String {
+    use sha2::Digest;
+    hex::encode(sha2::Sha256::digest(bytes))
+}

@@ -1,0 +1,413 @@
+//! Module distribution through the release binary: `plugin push` and `plugin pull` against a real
+//! registry (plain, htpasswd, TLS) in each image layout, the gateway serving plugins from OCI and
+//! HTTP, and failed fetches that never break traffic.
+
+mod common;
+
+#[path = "../../fetch/tests/common/registry.rs"]
+mod registry;
+
+use std::path::Path;
+use std::process::Output;
+use std::time::Duration;
+
+use common::*;
+use registry::{Mode, TestRegistry};
+
+fn run(args: &[&str]) -> Output {
+    wasmgate().args(args).output().unwrap()
+}
+
+fn ok(output: Output) -> String {
+    let stdout = String::from_utf8_lossy(&output.stdout).into_owned();
+    assert!(
+        output.status.success(),
+        "wasmgate failed: {stdout}{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    stdout
+}
+
+fn tokio() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .enable_all()
+        .build()
+        .unwrap()
+}
+
+/// A WasmPlugin manifest adding `header: value` to responses, from `url`.
+fn manifest(name: &str, url: &str, header: &str, extra: &str) -> String {
+    format!(
+        "apiVersion: extensions.istio.io/v1alpha1\nkind: WasmPlugin\nmetadata:\n  name: {name}\nspec:\n  url: {url}\n{extra}  pluginConfig: {{ name: {header}, value: {name} }}\n---\n"
+    )
+}
+
+/// A gateway config routing `/` to `upstream`, with `extra` top-level YAML.
+fn gateway_yaml(upstream: std::net::SocketAddr, listeners: &str, extra: &str) -> String {
+    format!(
+        "workers: 1\nadmin: 127.0.0.1:0\n{extra}\nlisteners:\n{listeners}\nclusters:\n  - name: up\n    endpoints: [\"{upstream}\"]\n"
+    )
+}
+
+fn listener(name: &str, filters: &str) -> String {
+    format!(
+        "  - name: {name}\n    address: 127.0.0.1:0\n    routes: [ {{ match: {{ prefix: / }}, cluster: up }} ]\n    http_filters:\n{filters}"
+    )
+}
+
+fn header<'a>(answer: &'a str, name: &str) -> Option<&'a str> {
+    answer
+        .lines()
+        .find_map(|l| l.strip_prefix(&format!("{name}: ")))
+        .map(str::trim)
+}
+
+/// A plugin's `state` and `sha256` in the admin `/plugins`.
+fn plugin_state(admin: std::net::SocketAddr, name: &str) -> (String, Option<String>) {
+    let (_, answer) = get(admin, "/plugins", "");
+    let body = answer.split_once("\r\n\r\n").expect("a body").1;
+    let plugins: serde_json::Value = serde_json::from_str(body).expect("JSON");
+    let plugin = plugins
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|p| p["name"] == name)
+        .unwrap_or_else(|| panic!("{name} in {body}"));
+    (
+        plugin["state"].as_str().unwrap().to_owned(),
+        plugin["sha256"].as_str().map(str::to_owned),
+    )
+}
+
+fn push(file: &Path, reference: &str, variant: &str, extra: &[&str]) -> String {
+    let mut args = vec![
+        "plugin",
+        "push",
+        file.to_str().unwrap(),
+        reference,
+        "--variant",
+        variant,
+    ];
+    args.extend_from_slice(extra);
+    let stdout = ok(run(&args));
+    stdout
+        .lines()
+        .find_map(|l| l.strip_prefix("digest "))
+        .expect("push prints the digest")
+        .to_owned()
+}
+
+#[test]
+fn push_pull_and_serve_every_image_layout_from_a_real_registry() {
+    let io = tokio();
+    let registry = io.block_on(TestRegistry::start(Mode::Plain));
+    let address = registry.address.clone();
+    let wasm = plugin("add_header");
+    let module_sha = sha256_hex(&std::fs::read(&wasm).unwrap());
+    let dir = tempfile::tempdir().unwrap();
+    let cache = dir.path().join("cache");
+    let mut manifests = String::new();
+    for variant in ["compat", "artifact", "docker"] {
+        let reference = format!("oci://{address}/plugins/add-header:{variant}");
+        let digest = push(
+            &wasm,
+            &reference,
+            variant,
+            &["--insecure-registry", &address],
+        );
+        assert!(digest.starts_with("sha256:"), "{digest}");
+        let pulled = ok(run(&[
+            "plugin",
+            "pull",
+            &reference,
+            "--insecure-registry",
+            &address,
+            "--cache-dir",
+            cache.to_str().unwrap(),
+        ]));
+        assert!(pulled.contains(&format!("sha256 {module_sha}")), "{pulled}");
+        assert!(pulled.contains(&format!("digest {digest}")), "{pulled}");
+        let path = pulled.lines().next().unwrap();
+        assert_eq!(sha256_hex(&std::fs::read(path).unwrap()), module_sha);
+        // Istio compares `sha256` with the manifest digest; a scheme-less reference is OCI.
+        let pinned = format!("  sha256: {}\n", digest.trim_start_matches("sha256:"));
+        manifests.push_str(&manifest(
+            &format!("from-{variant}"),
+            &format!("{address}/plugins/add-header:{variant}"),
+            &format!("x-{variant}"),
+            &pinned,
+        ));
+    }
+    let listed = ok(run(&[
+        "plugin",
+        "cache",
+        "ls",
+        "--cache-dir",
+        cache.to_str().unwrap(),
+    ]));
+    assert_eq!(
+        listed.lines().count(),
+        1,
+        "one module, whatever the layout: {listed}"
+    );
+    assert!(listed.contains(&module_sha), "{listed}");
+
+    let plugins = dir.path().join("plugins.d");
+    std::fs::create_dir(&plugins).unwrap();
+    std::fs::write(plugins.join("oci.yaml"), manifests).unwrap();
+    let yaml = gateway_yaml(
+        upstream(Duration::ZERO),
+        &listener("main", "      []\n"),
+        &format!(
+            "plugins_dir: plugins.d\ninsecure_registries: [\"{address}\"]\nmodule_cache: {{ dir: {} }}\n",
+            dir.path().join("gateway-cache").display()
+        ),
+    );
+    let config = dir.path().join("gateway.yaml");
+    std::fs::write(&config, yaml).unwrap();
+    let gateway = start(&["run", "--config", config.to_str().unwrap()]);
+    let (status, answer) = get(gateway.listener("main"), "/", "");
+    assert_eq!(status, 200, "{answer}");
+    for variant in ["compat", "artifact", "docker"] {
+        assert_eq!(
+            header(&answer, &format!("x-{variant}")),
+            Some(format!("from-{variant}").as_str()),
+            "{answer}"
+        );
+    }
+    let (_, plugins) = get(gateway.admin, "/plugins", "");
+    assert!(
+        plugins.contains(&module_sha) && !plugins.contains("failed"),
+        "{plugins}"
+    );
+    let (_, stats) = get(gateway.admin, "/stats/prometheus", "");
+    assert!(
+        stats.contains("wasm_remote_fetch_count{result=\"success\"} 3"),
+        "{stats}"
+    );
+    assert!(stats.contains("wasm_cache_entries 1"), "{stats}");
+    assert!(
+        stats.contains("wasm_config_conversion_duration_count 1"),
+        "{stats}"
+    );
+}
+
+#[test]
+fn pull_secrets_and_a_tls_registry_with_its_ca() {
+    let io = tokio();
+    let (user, password) = ("wasm-user", "s3cret-pass");
+    let locked = io.block_on(TestRegistry::start(Mode::Htpasswd {
+        username: user.into(),
+        password: password.into(),
+    }));
+    let tls = io.block_on(TestRegistry::start(Mode::Tls));
+    let dir = tempfile::tempdir().unwrap();
+    let ca = dir.path().join("ca.pem");
+    std::fs::write(&ca, tls.ca_pem.as_ref().unwrap()).unwrap();
+    let wasm = plugin("add_header");
+
+    // Push with a user name and the password from the environment, then over TLS with the CA.
+    let locked_ref = format!("oci://{}/private/add-header:v1", locked.address);
+    let output = wasmgate()
+        .args(["plugin", "push", wasm.to_str().unwrap(), &locked_ref])
+        .args(["--insecure-registry", &locked.address, "--username", user])
+        .env("WASMGATE_REGISTRY_PASSWORD", password)
+        .output()
+        .unwrap();
+    ok(output);
+    let refused = run(&[
+        "plugin",
+        "push",
+        wasm.to_str().unwrap(),
+        &locked_ref,
+        "--insecure-registry",
+        &locked.address,
+    ]);
+    assert!(!refused.status.success(), "anonymous push is refused");
+    let tls_ref = format!("oci://{}/secure/add-header:v1", tls.address);
+    push(
+        &wasm,
+        &tls_ref,
+        "compat",
+        &["--ca-file", ca.to_str().unwrap()],
+    );
+    let untrusted = run(&[
+        "plugin",
+        "pull",
+        &tls_ref,
+        "--cache-dir",
+        dir.path().join("c").to_str().unwrap(),
+    ]);
+    let message = String::from_utf8_lossy(&untrusted.stderr);
+    assert!(!untrusted.status.success());
+    assert!(message.to_lowercase().contains("certificate"), "{message}");
+
+    // The gateway: the secret from pull_secrets_dir, the CA from module_fetch.ca_files.
+    let secrets = dir.path().join("secrets");
+    std::fs::create_dir(&secrets).unwrap();
+    std::fs::write(
+        secrets.join("registry-pull-secret"),
+        format!(
+            r#"{{"auths": {{"{}": {{"username": "{user}", "password": "{password}"}}}}}}"#,
+            locked.address
+        ),
+    )
+    .unwrap();
+    let plugins = dir.path().join("plugins.d");
+    std::fs::create_dir(&plugins).unwrap();
+    std::fs::write(
+        plugins.join("p.yaml"),
+        manifest(
+            "private",
+            &locked_ref,
+            "x-private",
+            "  imagePullSecret: registry-pull-secret\n  imagePullPolicy: Always\n",
+        ) + &manifest("secure", &tls_ref, "x-secure", ""),
+    )
+    .unwrap();
+    let yaml = gateway_yaml(
+        upstream(Duration::ZERO),
+        &listener("main", "      []\n"),
+        &format!(
+            "plugins_dir: plugins.d\npull_secrets_dir: secrets\ninsecure_registries: [\"{}\"]\nmodule_fetch: {{ ca_files: [ca.pem] }}\nmodule_cache: {{ dir: cache }}\n",
+            locked.address
+        ),
+    );
+    let config = dir.path().join("gateway.yaml");
+    std::fs::write(&config, yaml).unwrap();
+    let gateway = start_capturing(wasmgate().args(["run", "--config", config.to_str().unwrap()]));
+    let (status, answer) = get(gateway.listener("main"), "/", "");
+    assert_eq!(status, 200, "{answer}");
+    assert_eq!(header(&answer, "x-private"), Some("private"), "{answer}");
+    assert_eq!(header(&answer, "x-secure"), Some("secure"), "{answer}");
+    let (_, dump) = get(gateway.admin, "/config_dump", "");
+    let logs = gateway.stderr.lock().clone();
+    for place in [&dump, &logs] {
+        assert!(!place.contains(password), "the password leaked: {place}");
+    }
+}
+
+#[test]
+fn failed_fetches_never_break_traffic_and_recover_in_the_background() {
+    let modules = ModuleServer::start();
+    let wasm = std::fs::read(plugin("add_header")).unwrap();
+    let sha = sha256_hex(&wasm);
+    modules.set("/ok.wasm", 200, &wasm);
+    modules.set("/html.wasm", 200, b"<html>oops</html>");
+    // /later.wasm is 404 until the test puts a module there: the same plugin with an extra custom
+    // section, so its sha256 differs and the cache cannot answer for it.
+    let mut later = wasm.clone();
+    later.extend_from_slice(b"\x00\x05\x04test");
+    let later_sha = sha256_hex(&later);
+    let dir = tempfile::tempdir().unwrap();
+    let remote = |name: &str, path: &str, sha: &str, policy: &str, header: &str| {
+        format!(
+            "      - name: {name}\n        failure_policy: {policy}\n        configuration: '{{\"name\": \"{header}\", \"value\": \"{name}\"}}'\n        vm_config: {{ code: {{ remote: {{ http_uri: {{ uri: \"{}\" }}, sha256: \"{sha}\" }} }} }}\n",
+            modules.url(path)
+        )
+    };
+    let listeners = [
+        listener(
+            "open",
+            &(remote("missing", "/missing.wasm", &sha, "FAIL_OPEN", "x-missing")
+                + &remote("html", "/html.wasm", &sha, "FAIL_OPEN", "x-html")
+                + &remote(
+                    "wrong-sha",
+                    "/ok.wasm",
+                    &"0".repeat(64),
+                    "FAIL_OPEN",
+                    "x-wrong",
+                )
+                + &remote("envoy-remote", "/ok.wasm", &sha, "FAIL_CLOSED", "x-remote")),
+        ),
+        listener(
+            "closed",
+            &remote("later", "/later.wasm", &later_sha, "FAIL_CLOSED", "x-later"),
+        ),
+    ]
+    .join("\n");
+    let yaml = gateway_yaml(
+        upstream(Duration::ZERO),
+        &listeners,
+        "module_fetch: { timeout: 2s, attempt_timeout: 1s, max_attempts: 2, retry_initial_backoff: 100ms }\nmodule_cache: { dir: cache }\n",
+    );
+    let config = dir.path().join("gateway.yaml");
+    std::fs::write(&config, yaml).unwrap();
+    let gateway = start_capturing(wasmgate().args(["run", "--config", config.to_str().unwrap()]));
+
+    // FAIL_OPEN: the listener serves without the three broken plugins; the good remote one runs.
+    let (status, answer) = get(gateway.listener("open"), "/", "");
+    assert_eq!(status, 200, "{answer}");
+    assert_eq!(
+        header(&answer, "x-remote"),
+        Some("envoy-remote"),
+        "{answer}"
+    );
+    for absent in ["x-missing", "x-html", "x-wrong"] {
+        assert_eq!(header(&answer, absent), None, "{answer}");
+    }
+    // FAIL_CLOSE with no module: deny-all, as Istio 1.25.
+    let (status, answer) = get(gateway.listener("closed"), "/", "");
+    assert_eq!(status, 403, "{answer}");
+    assert!(answer.ends_with("RBAC: access denied"), "{answer}");
+
+    let (_, stats) = get(gateway.admin, "/stats/prometheus", "");
+    for line in [
+        "wasm_remote_fetch_count{result=\"success\"} 1",
+        "wasm_remote_fetch_count{result=\"fetch_failure\"} 1",
+        "wasm_remote_fetch_count{result=\"checksum_mismatched\"} 1",
+    ] {
+        assert!(stats.contains(line), "{line} in\n{stats}");
+    }
+    assert!(
+        stats.contains("wasm_remote_fetch_count{result=\"download_failure\"} "),
+        "{stats}"
+    );
+    assert_eq!(
+        plugin_state(gateway.admin, "later"),
+        ("failed".into(), None)
+    );
+    assert_eq!(
+        plugin_state(gateway.admin, "envoy-remote"),
+        ("loaded".into(), Some(sha.clone()))
+    );
+
+    // The module appears: the background retry swaps the plugin in, and traffic flows through it.
+    modules.set("/later.wasm", 200, &later);
+    let closed = gateway.listener("closed");
+    assert!(
+        eventually(Duration::from_secs(20), || {
+            let (status, answer) = get(closed, "/", "");
+            status == 200 && header(&answer, "x-later") == Some("later")
+        }),
+        "the plugin was swapped in once its module could be fetched"
+    );
+    assert_eq!(
+        plugin_state(gateway.admin, "later"),
+        ("loaded".into(), Some(later_sha))
+    );
+
+    // Each failure was logged once, with the URL, the reason and what the gateway did.
+    let logs = gateway.stderr.lock().clone();
+    for (url, reason, action) in [
+        ("/missing.wasm", "404", "FAIL_OPEN"),
+        ("/html.wasm", "not a Wasm module", "FAIL_OPEN"),
+        ("/ok.wasm", "0000000000", "FAIL_OPEN"),
+        ("/later.wasm", "404", "FAIL_CLOSE"),
+    ] {
+        let lines: Vec<&str> = logs
+            .lines()
+            .filter(|l| {
+                l.contains("cannot load the plugin's module") && l.contains(&modules.url(url))
+            })
+            .filter(|l| url != "/ok.wasm" || l.contains(reason))
+            .collect();
+        assert_eq!(lines.len(), 1, "one line for {url}:\n{logs}");
+        assert!(
+            lines[0].contains(reason) && lines[0].contains(action),
+            "{}",
+            lines[0]
+        );
+    }
+}
