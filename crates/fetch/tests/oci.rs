@@ -502,3 +502,85 @@ async fn push_raw_image(
         .await
         .unwrap_or_else(|e| panic!("pushing {image}: {e}; registry log:\n{}", registry.log()));
 }
+
+/// Istio's pull policies through the [`wasmgate_fetch::Fetcher`]: `:latest` asks the registry each
+/// time and reuses the cached module while the digest holds; a pinned tag is served from the
+/// cache; a `sha256` is the manifest digest.
+#[tokio::test]
+async fn pull_policies_follow_istio() {
+    use std::sync::Arc;
+    use wasmgate_fetch::{Cache, Fetcher, ModuleRequest, PullPolicy};
+
+    let registry = TestRegistry::start(Mode::Plain).await;
+    let options = insecure(&registry);
+    let pusher = |r: &OciReference| Registry::new(r, &options, None).unwrap();
+    let latest = reference(&registry, "policy/p:latest");
+    let pinned = reference(&registry, "policy/p:v1");
+    let (one, two) = (test_module("one"), test_module("two"));
+    pusher(&latest)
+        .push(&latest, &one, ImageVariant::Compat)
+        .await
+        .unwrap();
+    let v1_digest = pusher(&pinned)
+        .push(&pinned, &one, ImageVariant::Compat)
+        .await
+        .unwrap();
+
+    let dir = tempfile::tempdir().unwrap();
+    let fetcher =
+        Fetcher::new(options.clone(), Arc::new(Cache::open(dir.path()).unwrap())).unwrap();
+    let fetch = |url: String, sha256: Option<String>, policy: Option<PullPolicy>| {
+        let fetcher = &fetcher;
+        async move {
+            fetcher
+                .fetch(ModuleRequest {
+                    url: &url,
+                    sha256: sha256.as_deref(),
+                    pull_policy: policy,
+                    credentials: None,
+                })
+                .await
+                .unwrap()
+        }
+    };
+    let latest_url = latest.to_string();
+    let first = fetch(latest_url.clone(), None, None).await;
+    assert!(!first.cache_hit);
+    assert_eq!(&*first.bytes, one.as_slice());
+    // Always (the default for :latest): the manifest is read again, the layer is not.
+    let again = fetch(latest_url.clone(), None, None).await;
+    assert!(again.cache_hit, "same digest: no layer download");
+    // The tag moves: the next fetch sees the new module.
+    pusher(&latest)
+        .push(&latest, &two, ImageVariant::Compat)
+        .await
+        .unwrap();
+    let moved = fetch(latest_url.clone(), None, None).await;
+    assert_eq!(&*moved.bytes, two.as_slice());
+    // IfNotPresent keeps what it has, even for :latest.
+    let kept = fetch(latest_url, None, Some(PullPolicy::IfNotPresent)).await;
+    assert!(kept.cache_hit);
+    assert_eq!(&*kept.bytes, two.as_slice());
+
+    // A pinned tag: fetched once, then served from the cache.
+    let v1 = fetch(pinned.to_string(), None, None).await;
+    assert_eq!(v1.digest.as_deref(), Some(v1_digest.as_str()));
+    assert!(fetch(pinned.to_string(), None, None).await.cache_hit);
+    // sha256 names the manifest digest: a match is a cache hit, a mismatch an error.
+    let sha = v1_digest.trim_start_matches("sha256:").to_owned();
+    assert!(fetch(pinned.to_string(), Some(sha), None).await.cache_hit);
+    let error = fetcher
+        .fetch(ModuleRequest {
+            url: &pinned.to_string(),
+            sha256: Some(&"a".repeat(64)),
+            ..ModuleRequest::default()
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(error.kind, FetchErrorKind::ChecksumMismatched, "{error}");
+    assert!(error.message.contains(&v1_digest), "{error}");
+    assert_eq!(
+        fetcher.metrics().remote_fetch_count("checksum_mismatched"),
+        1
+    );
+}

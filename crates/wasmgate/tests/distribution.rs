@@ -300,6 +300,21 @@ fn failed_fetches_never_break_traffic_and_recover_in_the_background() {
     let mut later = wasm.clone();
     later.extend_from_slice(b"\x00\x05\x04test");
     let later_sha = sha256_hex(&later);
+    modules.reply(
+        "/slow.wasm",
+        Reply::Slow(Duration::from_secs(4), wasm.clone()),
+    );
+    let mut truncated = b"HTTP/1.1 200 OK\r\ncontent-length: 100000\r\n\r\n".to_vec();
+    truncated.extend_from_slice(&wasm[..100]);
+    modules.reply("/truncated.wasm", Reply::Raw(truncated));
+    modules.reply(
+        "/loop.wasm",
+        Reply::Raw(
+            b"HTTP/1.1 302 Found\r\nlocation: /loop.wasm\r\ncontent-length: 0\r\nconnection: close\r\n\r\n".to_vec(),
+        ),
+    );
+    // Over the 4 MiB cap the config sets below.
+    modules.set("/huge.wasm", 200, &vec![0u8; 5 << 20]);
     let dir = tempfile::tempdir().unwrap();
     let remote = |name: &str, path: &str, sha: &str, policy: &str, header: &str| {
         format!(
@@ -319,6 +334,16 @@ fn failed_fetches_never_break_traffic_and_recover_in_the_background() {
                     "FAIL_OPEN",
                     "x-wrong",
                 )
+                + &remote("slow", "/slow.wasm", &sha, "FAIL_OPEN", "x-slow")
+                + &remote(
+                    "truncated",
+                    "/truncated.wasm",
+                    &sha,
+                    "FAIL_OPEN",
+                    "x-truncated",
+                )
+                + &remote("loop", "/loop.wasm", &sha, "FAIL_OPEN", "x-loop")
+                + &remote("huge", "/huge.wasm", &sha, "FAIL_OPEN", "x-huge")
                 + &remote("envoy-remote", "/ok.wasm", &sha, "FAIL_CLOSED", "x-remote")),
         ),
         listener(
@@ -330,7 +355,7 @@ fn failed_fetches_never_break_traffic_and_recover_in_the_background() {
     let yaml = gateway_yaml(
         upstream(Duration::ZERO),
         &listeners,
-        "module_fetch: { timeout: 2s, attempt_timeout: 1s, max_attempts: 2, retry_initial_backoff: 100ms }\nmodule_cache: { dir: cache }\n",
+        "module_fetch: { timeout: 2s, attempt_timeout: 1s, max_attempts: 2, max_module_bytes: 4194304, retry_initial_backoff: 100ms }\nmodule_cache: { dir: cache }\n",
     );
     let config = dir.path().join("gateway.yaml");
     std::fs::write(&config, yaml).unwrap();
@@ -344,7 +369,15 @@ fn failed_fetches_never_break_traffic_and_recover_in_the_background() {
         Some("envoy-remote"),
         "{answer}"
     );
-    for absent in ["x-missing", "x-html", "x-wrong"] {
+    for absent in [
+        "x-missing",
+        "x-html",
+        "x-wrong",
+        "x-slow",
+        "x-truncated",
+        "x-loop",
+        "x-huge",
+    ] {
         assert_eq!(header(&answer, absent), None, "{answer}");
     }
     // FAIL_CLOSE with no module: deny-all, as Istio 1.25.
@@ -353,17 +386,23 @@ fn failed_fetches_never_break_traffic_and_recover_in_the_background() {
     assert!(answer.ends_with("RBAC: access denied"), "{answer}");
 
     let (_, stats) = get(gateway.admin, "/stats/prometheus", "");
-    for line in [
-        "wasm_remote_fetch_count{result=\"success\"} 1",
-        "wasm_remote_fetch_count{result=\"fetch_failure\"} 1",
-        "wasm_remote_fetch_count{result=\"checksum_mismatched\"} 1",
+    // At least one of each at start-up (background retries may have added more by now): 404,
+    // slow, truncated, redirect loop and over the cap are download failures, twice 404 with the
+    // FAIL_CLOSE plugin's.
+    for (result, at_least) in [
+        ("success", 1),
+        ("fetch_failure", 1),
+        ("checksum_mismatched", 1),
+        ("download_failure", 6),
     ] {
-        assert!(stats.contains(line), "{line} in\n{stats}");
+        let line = format!("wasm_remote_fetch_count{{result=\"{result}\"}} ");
+        let count: u64 = stats
+            .lines()
+            .find_map(|l| l.strip_prefix(&line))
+            .and_then(|n| n.trim().parse().ok())
+            .unwrap_or_else(|| panic!("{line} in\n{stats}"));
+        assert!(count >= at_least, "{line}{count} < {at_least}");
     }
-    assert!(
-        stats.contains("wasm_remote_fetch_count{result=\"download_failure\"} "),
-        "{stats}"
-    );
     assert_eq!(
         plugin_state(gateway.admin, "later"),
         ("failed".into(), None)
@@ -394,6 +433,10 @@ fn failed_fetches_never_break_traffic_and_recover_in_the_background() {
         ("/missing.wasm", "404", "FAIL_OPEN"),
         ("/html.wasm", "not a Wasm module", "FAIL_OPEN"),
         ("/ok.wasm", "0000000000", "FAIL_OPEN"),
+        ("/slow.wasm", "no complete answer within", "FAIL_OPEN"),
+        ("/truncated.wasm", "attempts", "FAIL_OPEN"),
+        ("/loop.wasm", "redirects", "FAIL_OPEN"),
+        ("/huge.wasm", "4194304-byte limit", "FAIL_OPEN"),
         ("/later.wasm", "404", "FAIL_CLOSE"),
     ] {
         let lines: Vec<&str> = logs
@@ -409,5 +452,46 @@ fn failed_fetches_never_break_traffic_and_recover_in_the_background() {
             "{}",
             lines[0]
         );
+    }
+}
+
+#[test]
+fn a_restarted_gateway_serves_remote_plugins_from_its_cache_without_the_network() {
+    let modules = ModuleServer::start();
+    let wasm = std::fs::read(plugin("add_header")).unwrap();
+    modules.set("/p.wasm", 200, &wasm);
+    let dir = tempfile::tempdir().unwrap();
+    let plugins = dir.path().join("plugins.d");
+    std::fs::create_dir(&plugins).unwrap();
+    // No sha256: the cache index, not a pinned checksum, must find the module after the restart.
+    std::fs::write(
+        plugins.join("p.yaml"),
+        manifest("cached", &modules.url("/p.wasm"), "x-cached", ""),
+    )
+    .unwrap();
+    let yaml = gateway_yaml(
+        upstream(Duration::ZERO),
+        &listener("main", "      []\n"),
+        "plugins_dir: plugins.d\nmodule_cache: { dir: cache }\n",
+    );
+    let config = dir.path().join("gateway.yaml");
+    std::fs::write(&config, yaml).unwrap();
+    for round in ["first start, fetching", "restart, server gone"] {
+        let gateway = start(&["run", "--config", config.to_str().unwrap()]);
+        let (status, answer) = get(gateway.listener("main"), "/", "");
+        assert_eq!(status, 200, "{round}: {answer}");
+        assert_eq!(
+            header(&answer, "x-cached"),
+            Some("cached"),
+            "{round}: {answer}"
+        );
+        let (_, stats) = get(gateway.admin, "/stats/prometheus", "");
+        let hit = round.starts_with("restart");
+        assert!(
+            stats.contains(&format!("wasm_cache_lookup_count{{hit=\"{hit}\"}} 1")),
+            "{round}: {stats}"
+        );
+        drop(gateway);
+        modules.set("/p.wasm", 503, b"down");
     }
 }

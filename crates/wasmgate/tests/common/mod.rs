@@ -191,8 +191,18 @@ pub fn upstream(delay: Duration) -> SocketAddr {
     address
 }
 
-/// Path to (status, body).
-type Routes = Arc<Mutex<std::collections::HashMap<String, (u16, Vec<u8>)>>>;
+/// What a [`ModuleServer`] path answers.
+#[derive(Clone)]
+pub enum Reply {
+    /// A status and a body, with a true content-length.
+    Status(u16, Vec<u8>),
+    /// These bytes as they are (a lying content-length, a redirect, ...), then the connection closes.
+    Raw(Vec<u8>),
+    /// 200 with the body, after a pause.
+    Slow(Duration, Vec<u8>),
+}
+
+type Routes = Arc<Mutex<std::collections::HashMap<String, Reply>>>;
 
 /// A module server on a thread: answers each path with what [`ModuleServer::set`] last put there
 /// (404 for unknown paths), and counts requests per path.
@@ -216,11 +226,22 @@ impl ModuleServer {
                         return;
                     };
                     let path = head.split_whitespace().nth(1).unwrap_or("/").to_owned();
-                    let (status, body) = served
+                    let reply = served
                         .lock()
                         .get(&path)
                         .cloned()
-                        .unwrap_or((404, b"not found".to_vec()));
+                        .unwrap_or(Reply::Status(404, b"not found".to_vec()));
+                    let (status, body) = match reply {
+                        Reply::Raw(bytes) => {
+                            let _ = stream.write_all(&bytes);
+                            return;
+                        }
+                        Reply::Slow(pause, body) => {
+                            std::thread::sleep(pause);
+                            (200, body)
+                        }
+                        Reply::Status(status, body) => (status, body),
+                    };
                     let _ = write!(
                         stream,
                         "HTTP/1.1 {status} X\r\ncontent-length: {}\r\nconnection: close\r\n\r\n",
@@ -234,9 +255,11 @@ impl ModuleServer {
     }
 
     pub fn set(&self, path: &str, status: u16, body: &[u8]) {
-        self.routes
-            .lock()
-            .insert(path.to_owned(), (status, body.to_vec()));
+        self.reply(path, Reply::Status(status, body.to_vec()));
+    }
+
+    pub fn reply(&self, path: &str, reply: Reply) {
+        self.routes.lock().insert(path.to_owned(), reply);
     }
 
     pub fn url(&self, path: &str) -> String {
