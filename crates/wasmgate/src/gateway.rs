@@ -3,8 +3,9 @@
 //! start the workers and the admin server, and drain on SIGTERM.
 
 use std::net::SocketAddr;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
@@ -197,21 +198,41 @@ impl Control {
 }
 
 /// One plugin in one listener's chain, and whether its module is in hand.
+#[derive(Clone)]
 pub struct Slot {
     pub listener: String,
     pub spec: PluginSpec,
     pub state: SlotState,
+    /// Set when `spec` (a newer version of the plugin) could not be loaded and the version that was
+    /// serving before still does: why the new one failed. Retried like a failed slot.
+    pub outdated: Option<String>,
     /// Background retries so far, and when the next one is due.
     retries: u32,
     next_retry: Instant,
 }
 
+#[derive(Clone)]
 pub enum SlotState {
     Loaded { filter: FilterSpec, sha256: String },
     Failed { reason: String },
 }
 
 impl Slot {
+    fn new(listener: &str, spec: PluginSpec, state: SlotState, control: &Control) -> Self {
+        Self {
+            listener: listener.to_owned(),
+            spec,
+            state,
+            outdated: None,
+            retries: 0,
+            next_retry: Instant::now() + control.retry_initial_backoff,
+        }
+    }
+
+    fn needs_retry(&self) -> bool {
+        matches!(self.state, SlotState::Failed { .. }) || self.outdated.is_some()
+    }
+
     fn json(&self) -> serde_json::Value {
         let mut value = json!({
             "name": self.spec.name,
@@ -229,6 +250,12 @@ impl Slot {
             SlotState::Loaded { sha256, .. } => {
                 value["sha256"] = json!(sha256);
                 value["state"] = json!("loaded");
+                if let Some(reason) = &self.outdated {
+                    value["state"] = json!("outdated");
+                    value["error"] = json!(format!(
+                        "the new version could not be loaded ({reason}); the earlier version serves"
+                    ));
+                }
             }
             SlotState::Failed { reason } => {
                 value["state"] = json!("failed");
@@ -274,29 +301,66 @@ pub struct Prepared {
 }
 
 /// Reads, validates, fetches and compiles. A configuration error or a local module that does not
-/// load stops start-up with the file, field and reason; a remote module that cannot be had leaves
-/// its plugin failed (see [`Slot`]) and is retried in the background once serving.
-pub fn prepare(config: &GatewayConfig, control: &Control) -> anyhow::Result<Prepared> {
+/// load is an error with the file, field and reason (start-up stops; a reload is refused whole); a
+/// bad WasmPlugin manifest is logged and skipped, the others load; a remote module that cannot be
+/// had leaves its plugin failed (see [`Slot`]) and is retried in the background once serving.
+///
+/// `previous` is what serves now: plugins whose specification did not change are taken from it as
+/// they are (same module, same VMs once swapped in), and a plugin whose new version fails keeps its
+/// earlier version serving.
+pub fn prepare(
+    config: &GatewayConfig,
+    control: &Control,
+    previous: &[Slot],
+) -> anyhow::Result<Prepared> {
     let started = Instant::now();
-    let wasm_plugins = match &config.plugins_dir {
-        Some(dir) => wasmgate_config::load_wasm_plugins(dir).map_err(|e| anyhow::anyhow!("{e}"))?,
-        None => Vec::new(),
+    let (wasm_plugins, rejected) = match &config.plugins_dir {
+        Some(dir) => wasmgate_config::load_wasm_plugins_lenient(dir),
+        None => (Vec::new(), Vec::new()),
     };
+    for error in &rejected {
+        tracing::error!("WasmPlugin manifest rejected, the other plugins load: {error}");
+    }
     let mut listeners = Vec::new();
     let mut slots = Vec::new();
     for (index, listener) in config.listeners.iter().enumerate() {
         for plugin in config.chain_for_listener(index, &wasm_plugins) {
-            let state = load_plugin(&plugin, control)?;
-            if let SlotState::Failed { reason } = &state {
-                log_fetch_failure(&plugin, reason);
-            }
-            slots.push(Slot {
-                listener: listener.name.clone(),
-                spec: plugin,
-                state,
-                retries: 0,
-                next_retry: Instant::now() + control.retry_initial_backoff,
+            // A failed one too: it keeps its place in the background retries.
+            let unchanged = previous.iter().find(|s| {
+                s.listener == listener.name
+                    && s.spec == plugin
+                    && s.outdated.is_none()
+                    && same_local_module(s)
             });
+            if let Some(unchanged) = unchanged {
+                slots.push(unchanged.clone());
+                continue;
+            }
+            let state = load_plugin(&plugin, control)?;
+            let earlier = previous.iter().find(|s| {
+                s.listener == listener.name
+                    && s.spec.name == plugin.name
+                    && matches!(s.state, SlotState::Loaded { .. })
+            });
+            let slot = match (state, earlier) {
+                (SlotState::Failed { reason }, Some(earlier)) => {
+                    tracing::error!(
+                        plugin = %plugin.name,
+                        "cannot load the plugin's new version: {reason}; the earlier version keeps serving; retrying in the background"
+                    );
+                    Slot {
+                        outdated: Some(reason),
+                        ..Slot::new(&listener.name, plugin, earlier.state.clone(), control)
+                    }
+                }
+                (state, _) => {
+                    if let SlotState::Failed { reason } = &state {
+                        log_fetch_failure(&plugin, reason);
+                    }
+                    Slot::new(&listener.name, plugin, state, control)
+                }
+            };
+            slots.push(slot);
         }
         let (filters, missing_plugins) = listener_chain(&slots, &listener.name);
         let mut routes = Vec::new();
@@ -375,6 +439,7 @@ pub fn prepare(config: &GatewayConfig, control: &Control) -> anyhow::Result<Prep
     let config_dump = json!({
         "config": config,
         "plugins": slots.iter().map(Slot::json).collect::<Vec<_>>(),
+        "rejected_manifests": rejected.iter().map(ToString::to_string).collect::<Vec<_>>(),
     });
     control
         .fetcher
@@ -394,6 +459,17 @@ pub fn prepare(config: &GatewayConfig, control: &Control) -> anyhow::Result<Prep
 
 fn nonzero_or(value: Duration, otherwise: Duration) -> Duration {
     if value.is_zero() { otherwise } else { value }
+}
+
+/// For a plugin from a local file: whether the file still holds the module that was loaded (a
+/// rebuilt module at the same path is a change). Remote modules change only with their spec.
+fn same_local_module(slot: &Slot) -> bool {
+    let (CodeSource::Local(path), SlotState::Loaded { sha256, .. }) =
+        (&slot.spec.source, &slot.state)
+    else {
+        return true;
+    };
+    std::fs::read(path).is_ok_and(|bytes| wasmgate_fetch::cache::sha256_hex(&bytes) == *sha256)
 }
 
 /// A plugin's module read or fetched, compiled, and made a filter. Local modules must load (they
@@ -474,10 +550,42 @@ fn log_fetch_failure(plugin: &PluginSpec, reason: &str) {
     );
 }
 
+/// What the control thread is asked to do.
+enum ControlEvent {
+    /// Reload the configuration (a file changed, SIGHUP): the reason, for the log.
+    Reload(String),
+    Stop,
+}
+
+/// Counts reloads for `/stats/prometheus`.
+#[derive(Default)]
+struct ReloadStats {
+    generation: AtomicU64,
+    succeeded: AtomicU64,
+    failed: AtomicU64,
+}
+
+impl ReloadStats {
+    fn prometheus(&self) -> String {
+        format!(
+            "# TYPE wasmgate_config_generation gauge\nwasmgate_config_generation {}\n\
+             # TYPE wasmgate_config_reloads_total counter\n\
+             wasmgate_config_reloads_total{{result=\"success\"}} {}\n\
+             wasmgate_config_reloads_total{{result=\"failure\"}} {}\n",
+            self.generation.load(Ordering::Relaxed),
+            self.succeeded.load(Ordering::Relaxed),
+            self.failed.load(Ordering::Relaxed)
+        )
+    }
+}
+
 /// Serves `prepared` until SIGTERM or SIGINT, then drains requests in flight. Plugins whose module
-/// could not be had are retried in the background and swapped in when they arrive.
+/// could not be had are retried in the background and swapped in when they arrive. With
+/// `config_path`, changes to that file and to `plugins_dir` (and SIGHUP) reload the configuration.
 pub fn serve(
     control: Control,
+    config: GatewayConfig,
+    config_path: Option<PathBuf>,
     prepared: Prepared,
     set_log_filter: Option<wasmgate_dataplane::LogFilterSetter>,
 ) -> anyhow::Result<()> {
@@ -485,6 +593,8 @@ pub fn serve(
     let plugins = Arc::new(RwLock::new(plugins_json(&prepared.slots)));
     let config_dump = Arc::new(RwLock::new(prepared.config_dump.clone()));
     let fetch_metrics = control.fetcher.metrics().clone();
+    let reloads = Arc::new(ReloadStats::default());
+    let reload_metrics = reloads.clone();
     let admin = wasmgate_dataplane::start_admin(
         prepared.admin,
         AdminState {
@@ -493,7 +603,9 @@ pub fn serve(
             config_dump: config_dump.clone(),
             plugins: plugins.clone(),
             set_log_filter,
-            extra_metrics: Some(Arc::new(move || fetch_metrics.prometheus())),
+            extra_metrics: Some(Arc::new(move || {
+                fetch_metrics.prometheus() + &reload_metrics.prometheus()
+            })),
         },
     )
     .with_context(|| format!("admin: cannot listen on {}", prepared.admin))?;
@@ -504,25 +616,44 @@ pub fn serve(
             return Err(error.into());
         }
     };
+    // Watching starts before readiness is announced, so no change made after it is missed.
+    let (events, received) = std::sync::mpsc::channel::<ControlEvent>();
+    // Kept alive while serving: dropping it stops the watching.
+    let _watcher = match &config_path {
+        Some(path) => watch(path, config.plugins_dir.as_deref(), events.clone()),
+        None => None,
+    };
     for (name, address) in gateway.addresses() {
         println!("listener {name} on {address}");
     }
     println!("admin on {}", admin.address);
     use std::io::Write;
     let _ = std::io::stdout().flush();
-
-    let (stop, stopped) = std::sync::mpsc::channel::<()>();
     let background = {
         let gateway = gateway.clone();
-        let slots = prepared.slots;
+        let state = ControlState {
+            slots: prepared.slots,
+            config,
+            config_path,
+        };
         std::thread::Builder::new()
             .name("wasmgate-control".into())
             .spawn(move || {
-                background(&control, slots, &gateway, &stopped, |slots| {
-                    let value = plugins_json(slots);
-                    config_dump.write()["plugins"] = value.clone();
-                    *plugins.write() = value;
-                });
+                background(
+                    &control,
+                    state,
+                    &gateway,
+                    &received,
+                    &reloads,
+                    |slots, dump| {
+                        if let Some(dump) = dump {
+                            *config_dump.write() = dump;
+                        }
+                        let value = plugins_json(slots);
+                        config_dump.write()["plugins"] = value.clone();
+                        *plugins.write() = value;
+                    },
+                );
             })?
     };
 
@@ -533,20 +664,73 @@ pub fn serve(
         use tokio::signal::unix::{SignalKind, signal};
         let mut term = signal(SignalKind::terminate())?;
         let mut int = signal(SignalKind::interrupt())?;
-        tokio::select! {
-            _ = term.recv() => {}
-            _ = int.recv() => {}
+        let mut hup = signal(SignalKind::hangup())?;
+        loop {
+            tokio::select! {
+                _ = term.recv() => break,
+                _ = int.recv() => break,
+                _ = hup.recv() => {
+                    let _ = events.send(ControlEvent::Reload("SIGHUP".into()));
+                }
+            }
         }
         Ok::<_, std::io::Error>(())
     })?;
     eprintln!("shutting down: draining requests in flight");
-    drop(stop);
+    let _ = events.send(ControlEvent::Stop);
     let _ = background.join();
     if let Ok(gateway) = Arc::try_unwrap(gateway) {
         gateway.shutdown();
     }
     admin.shutdown();
     Ok(())
+}
+
+/// Watches the config file and the plugins folder; each change asks for a reload.
+fn watch(
+    config_path: &Path,
+    plugins_dir: Option<&Path>,
+    events: std::sync::mpsc::Sender<ControlEvent>,
+) -> Option<notify::RecommendedWatcher> {
+    use notify::{RecursiveMode, Watcher};
+    let config_path = std::fs::canonicalize(config_path).unwrap_or_else(|_| config_path.to_owned());
+    let plugins_dir =
+        plugins_dir.map(|d| std::fs::canonicalize(d).unwrap_or_else(|_| d.to_owned()));
+    let watched_config = config_path.clone();
+    let watched_plugins = plugins_dir.clone();
+    let handler = move |event: notify::Result<notify::Event>| {
+        let Ok(event) = event else { return };
+        if event.kind.is_access() {
+            return;
+        }
+        let relevant = event.paths.iter().find(|path| {
+            *path == &watched_config
+                || watched_plugins
+                    .as_ref()
+                    .is_some_and(|dir| path.starts_with(dir))
+        });
+        if let Some(path) = relevant {
+            let _ = events.send(ControlEvent::Reload(format!("{} changed", path.display())));
+        }
+    };
+    let mut watcher = match notify::recommended_watcher(handler) {
+        Ok(watcher) => watcher,
+        Err(error) => {
+            tracing::warn!("cannot watch the configuration for changes ({error}); SIGHUP reloads");
+            return None;
+        }
+    };
+    // The folder, not the file: editors and `kubectl` replace files by renaming over them.
+    let config_dir = config_path.parent().unwrap_or(Path::new("/"));
+    for dir in std::iter::once(config_dir).chain(plugins_dir.as_deref()) {
+        if let Err(error) = watcher.watch(dir, RecursiveMode::NonRecursive) {
+            tracing::warn!(
+                "cannot watch {} for changes ({error}); SIGHUP reloads",
+                dir.display()
+            );
+        }
+    }
+    Some(watcher)
 }
 
 fn plugins_json(slots: &[Slot]) -> serde_json::Value {
@@ -556,27 +740,74 @@ fn plugins_json(slots: &[Slot]) -> serde_json::Value {
 /// Longest wait between two background fetch attempts for one plugin.
 const MAX_RETRY_BACKOFF: Duration = Duration::from_secs(300);
 
-/// The control thread's loop: retries failed plugins with exponential backoff, swaps each into
-/// its listener's chain when its module arrives, and purges the cache of unused modules.
+/// Changes arriving within this window after a first one are taken in the same reload (an editor
+/// or `cp` writes a file in several steps).
+const RELOAD_SETTLE: Duration = Duration::from_millis(150);
+
+/// What the control thread keeps between events.
+struct ControlState {
+    slots: Vec<Slot>,
+    config: GatewayConfig,
+    config_path: Option<PathBuf>,
+}
+
+/// The control thread's loop: reloads the configuration when asked, retries failed plugins with
+/// exponential backoff and swaps each into its listener's chain when its module arrives, and
+/// purges the cache of unused modules.
 fn background(
     control: &Control,
-    mut slots: Vec<Slot>,
+    mut state: ControlState,
     gateway: &GatewayHandle,
-    stop: &std::sync::mpsc::Receiver<()>,
-    publish: impl Fn(&[Slot]),
+    events: &std::sync::mpsc::Receiver<ControlEvent>,
+    reloads: &ReloadStats,
+    publish: impl Fn(&[Slot], Option<serde_json::Value>),
 ) {
+    use std::sync::mpsc::RecvTimeoutError;
     let purge_every = control.purge_interval.max(Duration::from_secs(1));
     let mut next_purge = Instant::now() + purge_every;
     loop {
-        let next_retry = slots
+        let next_retry = state
+            .slots
             .iter()
-            .filter(|s| matches!(s.state, SlotState::Failed { .. }))
+            .filter(|s| s.needs_retry())
             .map(|s| s.next_retry)
             .min();
         let wake = next_retry.map_or(next_purge, |retry| retry.min(next_purge));
-        match stop.recv_timeout(wake.saturating_duration_since(Instant::now())) {
-            Err(std::sync::mpsc::RecvTimeoutError::Timeout) => {}
-            _ => return,
+        match events.recv_timeout(wake.saturating_duration_since(Instant::now())) {
+            Err(RecvTimeoutError::Timeout) => {}
+            Ok(ControlEvent::Stop) | Err(RecvTimeoutError::Disconnected) => return,
+            Ok(ControlEvent::Reload(reason)) => {
+                let mut reasons = vec![reason];
+                let settle = Instant::now() + RELOAD_SETTLE;
+                loop {
+                    match events.recv_timeout(settle.saturating_duration_since(Instant::now())) {
+                        Ok(ControlEvent::Reload(more)) => reasons.push(more),
+                        Ok(ControlEvent::Stop) | Err(RecvTimeoutError::Disconnected) => return,
+                        Err(RecvTimeoutError::Timeout) => break,
+                    }
+                }
+                reasons.dedup();
+                match reload(control, &mut state, gateway) {
+                    Ok(dump) => {
+                        let generation = reloads.generation.fetch_add(1, Ordering::Relaxed) + 1;
+                        reloads.succeeded.fetch_add(1, Ordering::Relaxed);
+                        tracing::info!(
+                            generation,
+                            "configuration reloaded ({})",
+                            reasons.join(", ")
+                        );
+                        publish(&state.slots, Some(dump));
+                    }
+                    Err(error) => {
+                        reloads.failed.fetch_add(1, Ordering::Relaxed);
+                        tracing::error!(
+                            "configuration reload refused, the serving configuration stays ({}): {error:#}",
+                            reasons.join(", ")
+                        );
+                    }
+                }
+                continue;
+            }
         }
         let now = Instant::now();
         if now >= next_purge {
@@ -598,19 +829,20 @@ fn background(
                 .set_cache_entries(control.fetcher.cache().len());
         }
         let mut changed: Vec<String> = Vec::new();
-        for slot in &mut slots {
-            if !matches!(slot.state, SlotState::Failed { .. }) || slot.next_retry > now {
+        for slot in &mut state.slots {
+            if !slot.needs_retry() || slot.next_retry > now {
                 continue;
             }
             slot.retries += 1;
             match load_plugin(&slot.spec, control) {
-                Ok(state @ SlotState::Loaded { .. }) => {
+                Ok(loaded @ SlotState::Loaded { .. }) => {
                     tracing::info!(
                         plugin = %slot.spec.name,
                         retries = slot.retries,
                         "the plugin's module is loaded; the plugin now serves"
                     );
-                    slot.state = state;
+                    slot.state = loaded;
+                    slot.outdated = None;
                     if !changed.contains(&slot.listener) {
                         changed.push(slot.listener.clone());
                     }
@@ -622,7 +854,11 @@ fn background(
                         .min(MAX_RETRY_BACKOFF);
                     tracing::debug!(plugin = %slot.spec.name, retries = slot.retries, ?backoff, "still cannot load the module: {reason}");
                     slot.next_retry = Instant::now() + backoff;
-                    slot.state = SlotState::Failed { reason };
+                    if slot.outdated.is_some() {
+                        slot.outdated = Some(reason);
+                    } else {
+                        slot.state = SlotState::Failed { reason };
+                    }
                 }
                 Err(error) => {
                     tracing::debug!(plugin = %slot.spec.name, "still cannot load the module: {error:#}");
@@ -631,13 +867,84 @@ fn background(
             }
         }
         for listener in &changed {
-            let (filters, missing) = listener_chain(&slots, listener);
+            let (filters, missing) = listener_chain(&state.slots, listener);
             if let Err(error) = gateway.update_chain(listener, filters, missing) {
                 tracing::error!(listener, "cannot swap in the new chain: {error}");
             }
         }
         if !changed.is_empty() {
-            publish(&slots);
+            publish(&state.slots, None);
         }
+    }
+}
+
+/// Builds the configuration on disk beside the serving one (manifests read, modules fetched and
+/// compiled, plugins started once), then swaps each listener's chain. Returns the new
+/// `/config_dump`. On error nothing changed.
+fn reload(
+    control: &Control,
+    state: &mut ControlState,
+    gateway: &GatewayHandle,
+) -> anyhow::Result<serde_json::Value> {
+    let Some(path) = &state.config_path else {
+        bail!("the built-in quickstart has no configuration file to reload");
+    };
+    let config = GatewayConfig::load(path).map_err(|errors| anyhow::anyhow!("{errors}"))?;
+    let names = |c: &GatewayConfig| {
+        c.listeners
+            .iter()
+            .map(|l| l.name.clone())
+            .collect::<Vec<_>>()
+    };
+    if names(&config) != names(&state.config) {
+        bail!(
+            "the listeners changed ({:?} -> {:?}); adding, removing or renaming listeners needs a restart",
+            names(&state.config),
+            names(&config)
+        );
+    }
+    let prepared = prepare(&config, control, &state.slots)?;
+    if let Some(what) = needs_restart(&state.config, &config) {
+        tracing::warn!("{what} changed: that takes effect on restart; plugin changes apply now");
+    }
+    for listener in &prepared.spec.listeners {
+        gateway
+            .update_chain(
+                &listener.name,
+                listener.filters.clone(),
+                listener.missing_plugins.clone(),
+            )
+            .with_context(|| format!("listener {}", listener.name))?;
+    }
+    state.slots = prepared.slots;
+    state.config = config;
+    Ok(prepared.config_dump)
+}
+
+/// What changed that a reload does not apply (it swaps plugin chains only).
+fn needs_restart(old: &GatewayConfig, new: &GatewayConfig) -> Option<&'static str> {
+    let without_filters = |c: &GatewayConfig| {
+        c.listeners
+            .iter()
+            .map(|l| {
+                let mut l = l.clone();
+                l.http_filters.clear();
+                l
+            })
+            .collect::<Vec<_>>()
+    };
+    if without_filters(old) != without_filters(new) {
+        Some("a listener's address, routes, TLS or limits")
+    } else if old.clusters != new.clusters {
+        Some("the clusters")
+    } else if old.workers != new.workers || old.admin != new.admin {
+        Some("workers or admin")
+    } else if old.module_fetch != new.module_fetch
+        || old.module_cache != new.module_cache
+        || old.insecure_registries != new.insecure_registries
+    {
+        Some("module_fetch, module_cache or insecure_registries")
+    } else {
+        None
     }
 }

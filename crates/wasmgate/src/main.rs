@@ -136,8 +136,9 @@ fn run(
     admin: SocketAddr,
     filter: FilterHandle,
 ) -> anyhow::Result<ExitCode> {
-    let config = match config {
-        Some(path) => wasmgate_config::GatewayConfig::load(&path)
+    let config_path = config;
+    let config = match &config_path {
+        Some(path) => wasmgate_config::GatewayConfig::load(path)
             .map_err(|errors| anyhow::anyhow!("{errors}"))?,
         None => {
             let plugin = quickstart::basic_auth_module()?;
@@ -153,13 +154,13 @@ fn run(
         }
     };
     let control = gateway::Control::new(&config)?;
-    let prepared = gateway::prepare(&config, &control)?;
+    let prepared = gateway::prepare(&config, &control, &[])?;
     let set_filter: wasmgate_dataplane::LogFilterSetter = Arc::new(move |level: &str| {
         let replacement =
             EnvFilter::try_new(format!("{level},wasm=trace")).map_err(|e| e.to_string())?;
         filter.reload(replacement).map_err(|e| e.to_string())
     });
-    gateway::serve(control, prepared, Some(set_filter))?;
+    gateway::serve(control, config, config_path, prepared, Some(set_filter))?;
     Ok(ExitCode::SUCCESS)
 }
 
