@@ -438,7 +438,7 @@ pub fn prepare(
     }
     let config_dump = json!({
         "config": config,
-        "plugins": slots.iter().map(Slot::json).collect::<Vec<_>>(),
+        "plugins": plugins_json(&slots),
         "rejected_manifests": rejected.iter().map(ToString::to_string).collect::<Vec<_>>(),
     });
     control
@@ -733,8 +733,29 @@ fn watch(
     Some(watcher)
 }
 
+/// Each plugin's entry for `/plugins` and `/config_dump`, with its place in its listener's chain
+/// (0 runs first on requests).
 fn plugins_json(slots: &[Slot]) -> serde_json::Value {
-    json!(slots.iter().map(Slot::json).collect::<Vec<_>>())
+    let mut places: Vec<(&str, usize)> = Vec::new();
+    let entries: Vec<serde_json::Value> = slots
+        .iter()
+        .map(|slot| {
+            let place = match places.iter_mut().find(|(l, _)| *l == slot.listener) {
+                Some((_, next)) => {
+                    *next += 1;
+                    *next - 1
+                }
+                None => {
+                    places.push((&slot.listener, 1));
+                    0
+                }
+            };
+            let mut value = slot.json();
+            value["chain_position"] = json!(place);
+            value
+        })
+        .collect();
+    json!(entries)
 }
 
 /// Longest wait between two background fetch attempts for one plugin.

@@ -264,6 +264,33 @@ fn sighup_reloads_a_rebuilt_module_and_unchanged_plugins_keep_their_vms() {
         )
     };
     assert_eq!((starts("rebuilt"), starts("steady")), (1, 1));
+    // /config_dump names each plugin's manifest, chain position, module and state.
+    let (_, dump) = get(setup.gateway.admin, "/config_dump", "");
+    let dump: serde_json::Value =
+        serde_json::from_str(dump.split_once("\r\n\r\n").unwrap().1).unwrap();
+    let entries = dump["plugins"].as_array().unwrap();
+    let summary: Vec<(String, u64, String, bool)> = entries
+        .iter()
+        .map(|p| {
+            (
+                p["name"].as_str().unwrap().to_owned(),
+                p["chain_position"].as_u64().unwrap(),
+                p["state"].as_str().unwrap().to_owned(),
+                p["origin"].as_str().unwrap().contains("p.yaml (document"),
+            )
+        })
+        .collect();
+    assert_eq!(
+        summary,
+        vec![
+            ("rebuilt".into(), 0, "loaded".into(), true),
+            ("steady".into(), 1, "loaded".into(), true)
+        ]
+    );
+    assert_eq!(
+        entries[0]["sha256"].as_str(),
+        Some(sha256_hex(&original).as_str())
+    );
 
     // A rebuild at the same path changes nothing the watcher looks at; SIGHUP picks it up.
     let mut rebuilt = original.clone();
