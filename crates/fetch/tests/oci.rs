@@ -584,3 +584,58 @@ async fn pull_policies_follow_istio() {
         1
     );
 }
+
+/// HTTPS module downloads verify the server's certificate: the TLS registry doubles as an HTTPS
+/// file server (an artifact's layer blob is the raw module).
+#[tokio::test]
+async fn https_downloads_verify_certificates() {
+    use std::sync::Arc;
+    use wasmgate_fetch::{Cache, Fetcher, ModuleRequest};
+
+    let registry = TestRegistry::start(Mode::Tls).await;
+    let trusted = FetchOptions {
+        extra_root_certificates: vec![registry.ca_pem.clone().unwrap()],
+        ..options()
+    };
+    let image = reference(&registry, "https/plugin:v1");
+    let module = test_module("https");
+    let client = Registry::new(&image, &trusted, None).unwrap();
+    client
+        .push(&image, &module, ImageVariant::Artifact)
+        .await
+        .unwrap();
+    let manifest = client.resolve(&image).await.unwrap();
+    let url = format!(
+        "https://{}/v2/https/plugin/blobs/{}",
+        registry.address,
+        manifest.layer_digest()
+    );
+    let request = ModuleRequest {
+        url: &url,
+        ..ModuleRequest::default()
+    };
+
+    let dir = tempfile::tempdir().unwrap();
+    let untrusting = Fetcher::new(
+        FetchOptions {
+            max_attempts: 1,
+            ..options()
+        },
+        Arc::new(Cache::open(dir.path().join("a")).unwrap()),
+    )
+    .unwrap();
+    let error = untrusting.fetch(request).await.unwrap_err();
+    assert_eq!(error.kind, FetchErrorKind::DownloadFailure, "{error}");
+    assert!(
+        error.message.to_lowercase().contains("certificate"),
+        "{error}"
+    );
+
+    let trusting = Fetcher::new(
+        trusted,
+        Arc::new(Cache::open(dir.path().join("b")).unwrap()),
+    )
+    .unwrap();
+    let fetched = trusting.fetch(request).await.unwrap();
+    assert_eq!(&*fetched.bytes, module.as_slice());
+}
