@@ -108,6 +108,7 @@ pub struct Registry {
     insecure: bool,
     attempt_timeout: Duration,
     deadline: Duration,
+    progress: Option<crate::ProgressFn>,
 }
 
 impl std::fmt::Debug for Registry {
@@ -192,6 +193,7 @@ impl Registry {
             insecure,
             attempt_timeout: options.attempt_timeout,
             deadline: options.deadline,
+            progress: options.progress.clone(),
         })
     }
 
@@ -288,6 +290,7 @@ impl Registry {
             )));
         }
         let mut buffer = CappedBuffer::new(max_size);
+        buffer.progress = self.progress.clone().map(|p| (p, layer.size));
         // The token (if any) comes from oci-client's cache, or is fetched with the stored auth.
         let pulled = tokio::time::timeout(
             self.deadline,
@@ -845,6 +848,8 @@ struct CappedBuffer {
     data: Vec<u8>,
     cap: usize,
     exceeded: bool,
+    /// Told of each write: bytes so far and the expected total.
+    progress: Option<(crate::ProgressFn, u64)>,
 }
 
 impl CappedBuffer {
@@ -853,6 +858,7 @@ impl CappedBuffer {
             data: Vec::new(),
             cap,
             exceeded: false,
+            progress: None,
         }
     }
 }
@@ -870,6 +876,9 @@ impl tokio::io::AsyncWrite for CappedBuffer {
             )));
         }
         self.data.extend_from_slice(buf);
+        if let Some((progress, total)) = &self.progress {
+            (progress.0)(self.data.len() as u64, Some(*total));
+        }
         Poll::Ready(Ok(buf.len()))
     }
 

@@ -502,3 +502,28 @@ async fn local_files_are_read_and_checked() {
         .unwrap_err();
     assert!(error.message.contains("/no/such.wasm"), "{error}");
 }
+
+#[tokio::test]
+async fn progress_is_reported_with_the_total() {
+    let server = FaultServer::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    type Seen = Arc<Mutex<Vec<(u64, Option<u64>)>>>;
+    let seen: Seen = Arc::default();
+    let record = seen.clone();
+    let fetcher = fetcher(
+        dir.path(),
+        FetchOptions {
+            progress: Some(wasmgate_fetch::ProgressFn(Arc::new(move |got, total| {
+                record.lock().push((got, total))
+            }))),
+            ..options()
+        },
+    );
+    fetcher
+        .fetch(request(&server.url("/ok.wasm")))
+        .await
+        .unwrap();
+    let seen = seen.lock();
+    let total = MODULE.len() as u64;
+    assert_eq!(seen.last(), Some(&(total, Some(total))), "{seen:?}");
+}
