@@ -14,7 +14,8 @@ use crate::duration::{serde_duration, serde_opt_duration};
 use crate::envoy::HttpFilter;
 use crate::error::{ConfigError, ConfigErrors, Report};
 use crate::plugin::PluginSpec;
-use crate::wasm_plugin::{PluginPhase, WasmPluginSpec, order_plugins};
+use crate::wasm_plugin::{PluginPhase, WasmPluginSpec, order_plugins_for};
+use crate::workload::{ListenerMode, Workload};
 
 /// The default admin address.
 pub const DEFAULT_ADMIN: SocketAddr =
@@ -57,6 +58,10 @@ pub struct GatewayConfig {
     /// Where fetched modules and compiled artefacts are kept.
     #[serde(default)]
     pub module_cache: ModuleCache,
+    /// The gateway as Istio sees a workload (namespace, labels, Gateway name): which WasmPlugins
+    /// apply to it.
+    #[serde(default)]
+    pub workload: Workload,
 }
 
 /// Remote module fetching (Istio's agent defaults).
@@ -126,6 +131,10 @@ pub struct Listener {
     /// `ip:port`; port 0 picks a free port.
     #[serde(deserialize_with = "de_socket_addr")]
     pub address: SocketAddr,
+    /// The listener's traffic direction for WasmPlugin `match[].mode`: `CLIENT` (the default, as
+    /// Istio treats every gateway listener) or `SERVER` (as a sidecar's inbound listener).
+    #[serde(default)]
+    pub mode: ListenerMode,
     /// Envoy-style Wasm filters, in chain order (see [`GatewayConfig::chain_for_listener`]).
     #[serde(default)]
     pub http_filters: Vec<HttpFilter>,
@@ -394,6 +403,7 @@ impl Default for GatewayConfig {
             pull_secrets_dir: None,
             module_fetch: ModuleFetch::default(),
             module_cache: ModuleCache::default(),
+            workload: Workload::default(),
         }
     }
 }
@@ -647,6 +657,7 @@ impl GatewayConfig {
                 );
             }
         }
+        self.workload.validate(&mut report);
         report.errors.into_result()
     }
 
@@ -654,14 +665,15 @@ impl GatewayConfig {
     ///
     /// 1. the WasmPlugins of phase `AUTHN`, then `AUTHZ`, then `STATS`,
     /// 2. then the listener's own `http_filters`, in the order written,
-    /// 3. then the WasmPlugins of phase `UNSPECIFIED_PHASE`.
+    /// 3. then the WasmPlugins of phase `UNSPECIFIED_PHASE` ("at the end of the filter chain, right
+    ///    before the Router", as Istio's API puts it).
     ///
-    /// WasmPlugins within a phase are in Istio's order ([`order_plugins`]: higher `priority` first,
-    /// unset priority last, ties by creation time, then name, then namespace). Only WasmPlugins of
-    /// type HTTP (or unspecified) that apply to the listener are included: a `match` entry with
-    /// `ports` must list the listener's port. (`selector`, `targetRefs` and `match.mode` are not
-    /// applied yet: every listener counts as selected.) An out-of-range `listener_index` gives an
-    /// empty chain; a filter without code (which validation rejects) is left out.
+    /// The WasmPlugins are those of type `HTTP` (or unspecified) that apply to this listener as
+    /// istiod applies them ([`applies_to_listener`](Self::applies_to_listener): namespace,
+    /// `selector` / `targetRefs` against [`workload`](Self::workload), `match` against the
+    /// listener's port and [`mode`](Listener::mode)), within a phase in Istio's order
+    /// ([`order_plugins_for`]). An out-of-range `listener_index` gives an empty chain; a filter
+    /// without code (which validation rejects) is left out.
     pub fn chain_for_listener(
         &self,
         listener_index: usize,
@@ -672,9 +684,9 @@ impl GatewayConfig {
         };
         let mut istio: Vec<&WasmPluginSpec> = wasm_plugins
             .iter()
-            .filter(|p| p.spec.plugin_type.is_http() && p.applies_to_port(listener.address.port()))
+            .filter(|p| p.spec.plugin_type.is_http() && self.applies_to_listener(listener, p))
             .collect();
-        order_plugins(&mut istio);
+        order_plugins_for(&self.workload, &mut istio);
         let (before, after): (Vec<_>, Vec<_>) = istio
             .into_iter()
             .partition(|p| p.spec.phase != PluginPhase::UnspecifiedPhase);
@@ -689,6 +701,40 @@ impl GatewayConfig {
             .chain(own)
             .chain(after.into_iter().map(WasmPluginSpec::to_plugin_spec))
             .collect()
+    }
+
+    /// The listener's network (L4) plugin chain: the WasmPlugins of type `NETWORK` that apply to
+    /// it (as in [`chain_for_listener`](Self::chain_for_listener)), phases `AUTHN`, `AUTHZ`,
+    /// `STATS`, then unspecified, each in Istio's order. Istio runs them as
+    /// `envoy.filters.network.wasm` on the listener's connections, HTTP ones included; they are
+    /// never in the HTTP chain.
+    pub fn chain_for_network_listener(
+        &self,
+        listener_index: usize,
+        wasm_plugins: &[WasmPluginSpec],
+    ) -> Vec<PluginSpec> {
+        let Some(listener) = self.listeners.get(listener_index) else {
+            return Vec::new();
+        };
+        let mut network: Vec<&WasmPluginSpec> = wasm_plugins
+            .iter()
+            .filter(|p| !p.spec.plugin_type.is_http() && self.applies_to_listener(listener, p))
+            .collect();
+        order_plugins_for(&self.workload, &mut network);
+        network
+            .into_iter()
+            .map(WasmPluginSpec::to_plugin_spec)
+            .collect()
+    }
+
+    /// Whether a WasmPlugin (of either type) applies to the listener as istiod decides it: the
+    /// workload selects it ([`Workload::selects`]: namespace, `selector`, `targetRefs`) and its
+    /// `match` selects the listener's port and direction
+    /// ([`WasmPluginSpec::matches_listener`]). A listener on port 0 (a free port picked at start)
+    /// matches only `match` entries without `ports`.
+    pub fn applies_to_listener(&self, listener: &Listener, plugin: &WasmPluginSpec) -> bool {
+        self.workload.selects(plugin)
+            && plugin.matches_listener(listener.address.port(), listener.mode)
     }
 
     /// The index of the listener with this name.
@@ -1233,7 +1279,7 @@ listeners:
         assert_eq!(
             parse_err("listeners:\n  - name: a\n    address: 127.0.0.1:1\n    clustr: x\n"),
             "gw.yaml: listeners[0].clustr: unknown field `clustr`, expected one of `name`, \
-             `address`, `http_filters`, `routes`, `tls`, `limits` (line 4, column 5)"
+             `address`, `mode`, `http_filters`, `routes`, `tls`, `limits` (line 4, column 5)"
         );
         assert_eq!(
             parse_err("listeners:\n  - name: a\n    address: foo\n"),

@@ -4,7 +4,9 @@
 //! - [`GatewayConfig`]: [`GatewayConfig::from_file`] parses with precise errors (file, field path,
 //!   reason), [`GatewayConfig::validate`] checks meaning, [`GatewayConfig::load`] does both.
 //! - [`load_wasm_plugins`]: WasmPlugin manifests from a folder; [`order_plugins`]: Istio's order.
-//! - [`GatewayConfig::chain_for_listener`]: a listener's plugins as [`PluginSpec`]s, in chain order.
+//! - [`GatewayConfig::chain_for_listener`]: a listener's plugins as [`PluginSpec`]s, in chain order,
+//!   the WasmPlugins applied as istiod applies them to the gateway's [`Workload`] identity;
+//!   [`GatewayConfig::chain_for_network_listener`]: its `NETWORK` WasmPlugins.
 //!
 //! Knows nothing of Wasm engines or HTTP servers: it only reads, checks and resolves.
 #![forbid(unsafe_code)]
@@ -16,6 +18,7 @@ mod gateway;
 mod plugin;
 mod value;
 mod wasm_plugin;
+mod workload;
 
 use std::path::{Path, PathBuf};
 
@@ -32,10 +35,16 @@ pub use gateway::{
 pub use plugin::{CodeSource, FailurePolicy, PluginOrigin, PluginSpec};
 pub use value::configuration_text;
 pub use wasm_plugin::{
-    ALLOWED_URL_SCHEMES, EnvValueSource, EnvVar, FailStrategy, ObjectMeta, PluginPhase, PluginType,
-    PolicyTargetReference, PortSelector, PullPolicy, TrafficSelector, WASM_PLUGIN_API_VERSIONS,
-    WASM_PLUGIN_GROUP, WasmPlugin, WasmPluginSpec, WasmVmConfig, WorkloadMode, WorkloadSelector,
-    istio_order, load_wasm_plugins, load_wasm_plugins_lenient, order_plugins, parse_wasm_plugins,
+    ALLOWED_URL_SCHEMES, EnvValueSource, EnvVar, FailStrategy, ManifestScan, ObjectMeta,
+    PluginPhase, PluginType, PolicyTargetReference, PortSelector, PullPolicy, SkippedDocument,
+    TrafficSelector, WASM_PLUGIN_API_VERSIONS, WASM_PLUGIN_GROUP, WasmPlugin, WasmPluginSpec,
+    WasmVmConfig, WorkloadMode, WorkloadSelector, is_kubernetes_manifest, istio_order,
+    load_wasm_plugins, load_wasm_plugins_lenient, manifest_files, order_plugins, order_plugins_for,
+    parse_wasm_plugins, scan_wasm_plugin_dir, scan_wasm_plugins,
+};
+pub use workload::{
+    DEFAULT_NAMESPACE, DEFAULT_ROOT_NAMESPACE, GATEWAY_API_GROUP, GATEWAY_NAME_LABEL, ListenerMode,
+    WAYPOINT_GATEWAY_CLASS, Workload,
 };
 
 /// `path` if absolute, else `base/path`.

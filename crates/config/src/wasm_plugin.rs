@@ -10,6 +10,9 @@ use serde::{Deserialize, Serialize};
 
 use crate::error::{ConfigError, Report};
 use crate::plugin::{CodeSource, FailurePolicy, PluginOrigin, PluginSpec};
+use crate::workload::{
+    GATEWAY_API_GROUP, ListenerMode, Workload, canonical_group, is_dns_label, is_dns_subdomain,
+};
 
 /// The API group of WasmPlugin.
 pub const WASM_PLUGIN_GROUP: &str = "extensions.istio.io";
@@ -84,7 +87,8 @@ pub struct WasmPlugin {
     pub plugin_name: Option<String>,
     #[serde(default)]
     pub phase: PluginPhase,
-    /// Higher runs first within a phase; unset runs after every set priority.
+    /// Higher runs first within a phase; unset counts as `i32::MIN` (Istio's sort key; the API
+    /// documents a default of 0, but istiod sorts unset last).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub priority: Option<i32>,
     #[serde(default)]
@@ -128,9 +132,9 @@ pub struct WasmVmConfig {
 pub struct EnvVar {
     /// A C identifier, unique in the list.
     pub name: String,
-    /// For `INLINE` only.
-    #[serde(default, skip_serializing_if = "String::is_empty")]
-    pub value: String,
+    /// For `INLINE` only (absent = empty). Istio's CRD refuses the key, even empty, with `HOST`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub value: Option<String>,
     #[serde(default)]
     pub value_from: EnvValueSource,
 }
@@ -272,6 +276,11 @@ impl WasmPluginSpec {
         }
     }
 
+    /// `priority`, unset counting as `i32::MIN` (istiod's sort key).
+    pub fn effective_priority(&self) -> i32 {
+        self.spec.priority.unwrap_or(i32::MIN)
+    }
+
     /// `metadata.creationTimestamp` as a time, when set and valid.
     pub fn creation_time(&self) -> Option<SystemTime> {
         let (secs, nanos) = parse_rfc3339(self.metadata.creation_timestamp.as_deref()?)?;
@@ -322,17 +331,6 @@ impl WasmPluginSpec {
         }
     }
 
-    /// Whether `match` lets the plugin run on a listener with this port: no selectors, or one whose
-    /// `ports` is empty or lists the port. (`mode` is not considered yet.)
-    pub fn applies_to_port(&self, port: u16) -> bool {
-        self.spec.traffic_match.is_empty()
-            || self
-                .spec
-                .traffic_match
-                .iter()
-                .any(|s| s.ports.is_empty() || s.ports.iter().any(|p| p.number == u32::from(port)))
-    }
-
     /// The resolved view, HOST environment values read from the process environment.
     pub fn to_plugin_spec(&self) -> PluginSpec {
         self.to_plugin_spec_with_env(&|key| std::env::var(key).ok())
@@ -347,7 +345,9 @@ impl WasmPluginSpec {
             .iter()
             .flat_map(|vm| &vm.env)
             .filter_map(|var| match var.value_from {
-                EnvValueSource::Inline => Some((var.name.clone(), var.value.clone())),
+                EnvValueSource::Inline => {
+                    Some((var.name.clone(), var.value.clone().unwrap_or_default()))
+                }
                 EnvValueSource::Host => host_env(&var.name).map(|v| (var.name.clone(), v)),
             })
             .collect();
@@ -378,7 +378,35 @@ impl WasmPluginSpec {
         }
     }
 
-    /// The checks Istio's CRD makes (and a few more that keep a gateway safe).
+    /// `targetRefs`, or the deprecated `targetRef` when `targetRefs` is empty (Istio's
+    /// `GetTargetRefs`).
+    pub fn target_refs(&self) -> Vec<&PolicyTargetReference> {
+        if self.spec.target_refs.is_empty() {
+            self.spec.target_ref.iter().collect()
+        } else {
+            self.spec.target_refs.iter().collect()
+        }
+    }
+
+    /// Whether `match` selects a listener with this port and direction (Istio's
+    /// `matchTrafficSelectors`): no selectors, or any one whose `mode` fits the direction (`CLIENT`,
+    /// `SERVER`, or `CLIENT_AND_SERVER`/`UNDEFINED` for both) and whose `ports` is empty or lists
+    /// the port.
+    pub fn matches_listener(&self, port: u16, mode: ListenerMode) -> bool {
+        self.spec.traffic_match.is_empty()
+            || self.spec.traffic_match.iter().any(|s| {
+                mode.matches(s.mode)
+                    && (s.ports.is_empty()
+                        || s.ports
+                            .iter()
+                            .any(|p| p.number != 0 && p.number == u32::from(port)))
+            })
+    }
+
+    /// The checks Istio makes: the CRD's OpenAPI schema and CEL rules
+    /// (`manifests/charts/base/files/crd-all.gen.yaml`) and the validating webhook
+    /// (`pkg/config/validation/validation.go` `ValidateWasmPlugin`), plus the env var name rule the
+    /// API documents (a C identifier).
     fn validate(&self, report: &mut Report<'_>) {
         let meta = &self.metadata;
         if !is_dns_subdomain(&meta.name) {
@@ -391,7 +419,7 @@ impl WasmPluginSpec {
             );
         }
         if let Some(ns) = &meta.namespace
-            && !(is_dns_subdomain(ns) && ns.len() <= 63 && !ns.contains('.'))
+            && !is_dns_label(ns)
         {
             report.push(
                 "metadata.namespace",
@@ -408,18 +436,8 @@ impl WasmPluginSpec {
         }
 
         let spec = &self.spec;
-        if spec.url.is_empty() {
-            report.push("spec.url", "must not be empty");
-        } else if let Some((scheme, _)) = spec.url.split_once("://")
-            && !ALLOWED_URL_SCHEMES.contains(&scheme)
-        {
-            report.push(
-                "spec.url",
-                format!(
-                    "unsupported URL scheme {scheme:?} (allowed: {}, or none for OCI)",
-                    ALLOWED_URL_SCHEMES.join(", ")
-                ),
-            );
+        if let Err(reason) = check_url(&spec.url) {
+            report.push("spec.url", reason);
         }
         if let Some(sha) = &spec.sha256
             && !sha.is_empty()
@@ -430,15 +448,35 @@ impl WasmPluginSpec {
                 format!("{sha:?} is not 64 lowercase hexadecimal characters"),
             );
         }
-        let has_target_refs = spec.target_ref.is_some() || !spec.target_refs.is_empty();
-        if spec.selector.is_some() && has_target_refs {
+        let set = usize::from(spec.selector.is_some())
+            + usize::from(spec.target_ref.is_some())
+            + usize::from(!spec.target_refs.is_empty());
+        if set > 1 {
             report.push("spec", "only one of targetRefs or selector can be set");
         }
-        if spec.target_ref.is_some() && !spec.target_refs.is_empty() {
-            report.push("spec", "only one of targetRef or targetRefs can be set");
+        if let Some(selector) = &spec.selector {
+            if selector.match_labels.len() > 4096 {
+                report.push("spec.selector.matchLabels", "at most 4096 labels");
+            }
+            for (key, value) in &selector.match_labels {
+                let at = format!("spec.selector.matchLabels.{key}");
+                if key.is_empty() {
+                    report.push("spec.selector.matchLabels", "key must not be empty");
+                } else if key.contains('*') {
+                    report.push(&at, "wildcard not allowed in label key match");
+                }
+                if value.contains('*') {
+                    report.push(&at, "wildcard not allowed in label value match");
+                } else if value.len() > 63 {
+                    report.push(&at, "a label value has at most 63 characters");
+                }
+            }
         }
         if spec.target_refs.len() > 16 {
-            report.push("spec.targetRefs", "at most 16 entries");
+            report.push(
+                "spec.targetRefs",
+                format!("at most 16 entries ({} given)", spec.target_refs.len()),
+            );
         }
         let refs = spec
             .target_ref
@@ -451,12 +489,7 @@ impl WasmPluginSpec {
                     .map(|(i, r)| (format!("spec.targetRefs[{i}]"), r)),
             );
         for (at, r) in refs {
-            if r.kind.is_empty() {
-                report.push(format!("{at}.kind"), "must not be empty");
-            }
-            if r.name.is_empty() {
-                report.push(format!("{at}.name"), "must not be empty");
-            }
+            check_target_ref(&at, r, report);
         }
         if let Some(secret) = &spec.image_pull_secret
             && !(1..=253).contains(&secret.len())
@@ -475,12 +508,17 @@ impl WasmPluginSpec {
         }
         if let Some(vm) = &spec.vm_config {
             if vm.env.len() > 256 {
-                report.push("spec.vmConfig.env", "at most 256 entries");
+                report.push(
+                    "spec.vmConfig.env",
+                    format!("at most 256 entries ({} given)", vm.env.len()),
+                );
             }
             let mut seen: HashMap<&str, usize> = HashMap::new();
             for (i, var) in vm.env.iter().enumerate() {
                 let at = format!("spec.vmConfig.env[{i}]");
-                if !is_c_identifier(&var.name) || var.name.len() > 256 {
+                if !(1..=256).contains(&var.name.len()) {
+                    report.push(format!("{at}.name"), "must be 1 to 256 characters");
+                } else if !is_c_identifier(&var.name) {
                     report.push(
                         format!("{at}.name"),
                         format!(
@@ -495,23 +533,28 @@ impl WasmPluginSpec {
                         format!("duplicate name {:?} (also env[{first}])", var.name),
                     );
                 }
-                if var.value_from == EnvValueSource::Host && !var.value.is_empty() {
+                if var.value_from == EnvValueSource::Host && var.value.is_some() {
                     report.push(
                         format!("{at}.value"),
                         "value may only be set when valueFrom is INLINE",
                     );
                 }
-                if var.value.len() > 2048 {
+                if var.value.as_ref().is_some_and(|v| v.len() > 2048) {
                     report.push(format!("{at}.value"), "at most 2048 characters");
                 }
             }
         }
         for (i, selector) in spec.traffic_match.iter().enumerate() {
+            let mut ports: HashMap<u32, usize> = HashMap::new();
             for (j, port) in selector.ports.iter().enumerate() {
+                let at = format!("spec.match[{i}].ports[{j}].number");
                 if !(1..=65535).contains(&port.number) {
+                    report.push(at, format!("port {} is outside 1..=65535", port.number));
+                } else if let Some(first) = ports.insert(port.number, j) {
+                    ports.insert(port.number, first);
                     report.push(
-                        format!("spec.match[{i}].ports[{j}].number"),
-                        format!("port {} is outside 1..=65535", port.number),
+                        at,
+                        format!("duplicate port {} (also ports[{first}])", port.number),
                     );
                 }
             }
@@ -519,26 +562,177 @@ impl WasmPluginSpec {
     }
 }
 
-/// Istio's order for WasmPlugins: phase (`AUTHN`, `AUTHZ`, `STATS`, unspecified), then higher
-/// `priority` first with unset priority last, then earlier `creationTimestamp` (unset counts as the
-/// earliest, as Go's zero time does), then `name`, then `namespace`. Remaining ties keep their
-/// order (the sort is stable).
+/// The `url` rule of Istio's CRD and webhook: not empty; parsed as Go's `url.ParseRequestURI` does
+/// (else as `http://` + url), its scheme must be one of [`ALLOWED_URL_SCHEMES`] or none. Like Go,
+/// `host:port/path` parses with the scheme `host`, so a scheme-less OCI reference with a port needs
+/// `oci://`.
+fn check_url(url: &str) -> Result<(), String> {
+    if url.is_empty() {
+        return Err("must not be empty".to_owned());
+    }
+    if url.bytes().any(|b| b < 0x20 || b == 0x7f) {
+        return Err("invalid control character in URL".to_owned());
+    }
+    if url.contains(' ') {
+        return Err("a URL has no spaces".to_owned());
+    }
+    let bytes = url.as_bytes();
+    let mut i = 0;
+    while i < bytes.len() {
+        if bytes[i] == b'%' {
+            let hex = |k: usize| bytes.get(k).is_some_and(u8::is_ascii_hexdigit);
+            if !(hex(i + 1) && hex(i + 2)) {
+                let end = (i + 3).min(url.len());
+                return Err(format!(
+                    "invalid URL escape {:?}",
+                    url.get(i..end).unwrap_or("%")
+                ));
+            }
+            i += 3;
+        } else {
+            i += 1;
+        }
+    }
+    match go_url_scheme(url)? {
+        None => Ok(()),
+        Some(scheme) => {
+            let scheme = scheme.to_ascii_lowercase();
+            if ALLOWED_URL_SCHEMES.contains(&scheme.as_str()) {
+                Ok(())
+            } else {
+                Err(format!(
+                    "unsupported URL scheme {scheme:?} (allowed: {}, or none for OCI; a \
+                     registry with a port needs oci://)",
+                    ALLOWED_URL_SCHEMES.join(", ")
+                ))
+            }
+        }
+    }
+}
+
+/// The scheme Go's `url.Parse` finds (`getScheme`): letters, then letters, digits, `+`, `-`, `.`,
+/// up to a `:`; any other character first means no scheme.
+fn go_url_scheme(url: &str) -> Result<Option<&str>, String> {
+    for (i, c) in url.bytes().enumerate() {
+        match c {
+            b'a'..=b'z' | b'A'..=b'Z' => {}
+            b'0'..=b'9' | b'+' | b'-' | b'.' if i > 0 => {}
+            b':' if i == 0 => return Err("missing protocol scheme".to_owned()),
+            b':' => return Ok(Some(&url[..i])),
+            _ => return Ok(None),
+        }
+    }
+    Ok(None)
+}
+
+/// One `targetRef(s)` entry: the CRD's schema (kind, name, group patterns and lengths; no
+/// namespace) and the webhook's allowed targets.
+fn check_target_ref(at: &str, r: &PolicyTargetReference, report: &mut Report<'_>) {
+    if r.kind.is_empty() || r.kind.len() > 63 || !is_kind(&r.kind) {
+        report.push(
+            format!("{at}.kind"),
+            format!(
+                "{:?} is not a kind (1 to 63 letters, digits and '-', starting with a letter)",
+                r.kind
+            ),
+        );
+    }
+    if !(1..=253).contains(&r.name.len()) {
+        report.push(format!("{at}.name"), "must be 1 to 253 characters");
+    }
+    if let Some(group) = &r.group
+        && !group.is_empty()
+        && !is_dns_subdomain(group)
+    {
+        report.push(
+            format!("{at}.group"),
+            format!("{group:?} is not a valid API group"),
+        );
+    }
+    if r.namespace.as_deref().is_some_and(|ns| !ns.is_empty()) {
+        report.push(
+            format!("{at}.namespace"),
+            "cross namespace referencing is not currently supported",
+        );
+    }
+    let group = canonical_group(r);
+    let allowed = matches!(
+        (group, r.kind.as_str()),
+        ("core", "Service")
+            | ("networking.istio.io", "ServiceEntry")
+            | (GATEWAY_API_GROUP, "Gateway")
+            | (GATEWAY_API_GROUP, "GatewayClass")
+    );
+    if !allowed && !r.kind.is_empty() {
+        report.push(
+            at,
+            format!(
+                "targetRef must be to one of core/Service, networking.istio.io/ServiceEntry, \
+                 gateway.networking.k8s.io/Gateway, gateway.networking.k8s.io/GatewayClass but was \
+                 {}/{}",
+                r.group.as_deref().unwrap_or(""),
+                r.kind
+            ),
+        );
+    }
+}
+
+fn is_kind(s: &str) -> bool {
+    let b = s.as_bytes();
+    !b.is_empty()
+        && b[0].is_ascii_alphabetic()
+        && b[b.len() - 1].is_ascii_alphanumeric()
+        && b.iter().all(|c| c.is_ascii_alphanumeric() || *c == b'-')
+}
+
+/// Istio's order for WasmPlugins of one namespace: phase (`AUTHN`, `AUTHZ`, `STATS`,
+/// unspecified), then higher `priority` first, unset priority counting as `i32::MIN` (as istiod's
+/// `WasmPluginsByListenerInfo` does, so an unset priority ties with `-2147483648`), then earlier
+/// `creationTimestamp` (unset counts as the earliest, as Go's zero time does), then `name`, then
+/// `namespace` (istiod's `sortConfigByCreationTime`). Remaining ties keep their order (the sort is
+/// stable). For plugins of several namespaces, Istio puts the gateway's own namespace before the
+/// root namespace on equal priority: see [`order_plugins_for`].
 pub fn istio_order(a: &WasmPluginSpec, b: &WasmPluginSpec) -> Ordering {
     a.spec
         .phase
         .rank()
         .cmp(&b.spec.phase.rank())
-        // None < Some(_), so comparing b with a puts higher priorities first and unset last.
-        .then_with(|| b.spec.priority.cmp(&a.spec.priority))
+        .then_with(|| b.effective_priority().cmp(&a.effective_priority()))
         .then_with(|| a.creation_time().cmp(&b.creation_time()))
         .then_with(|| a.metadata.name.cmp(&b.metadata.name))
         .then_with(|| a.metadata.namespace.cmp(&b.metadata.namespace))
 }
 
-/// Sorts WasmPlugins in Istio's order ([`istio_order`]). Works on `Vec<WasmPluginSpec>` and on
-/// `Vec<&WasmPluginSpec>` alike.
+/// Sorts WasmPlugins in Istio's order ([`istio_order`]), ignoring which namespace group each is in.
+/// Works on `Vec<WasmPluginSpec>` and on `Vec<&WasmPluginSpec>` alike.
 pub fn order_plugins<P: std::borrow::Borrow<WasmPluginSpec>>(plugins: &mut [P]) {
     plugins.sort_by(|a, b| istio_order(a.borrow(), b.borrow()));
+}
+
+/// Sorts the WasmPlugins that apply to `workload` exactly as istiod orders them for a proxy: by
+/// phase, then higher priority first (unset = `i32::MIN`), then the plugins of the gateway's own
+/// namespace before those of the root namespace (before those of a waypoint's Service namespaces),
+/// then creation time, name, namespace. A manifest without a namespace is in the gateway's.
+pub fn order_plugins_for<P: std::borrow::Borrow<WasmPluginSpec>>(
+    workload: &Workload,
+    plugins: &mut [P],
+) {
+    plugins.sort_by(|a, b| {
+        let (a, b) = (a.borrow(), b.borrow());
+        a.spec
+            .phase
+            .rank()
+            .cmp(&b.spec.phase.rank())
+            .then_with(|| b.effective_priority().cmp(&a.effective_priority()))
+            .then_with(|| workload.namespace_rank(a).cmp(&workload.namespace_rank(b)))
+            .then_with(|| a.creation_time().cmp(&b.creation_time()))
+            .then_with(|| a.metadata.name.cmp(&b.metadata.name))
+            .then_with(|| {
+                workload
+                    .plugin_namespace(a)
+                    .cmp(workload.plugin_namespace(b))
+            })
+    });
 }
 
 /// Reads every `*.yaml` / `*.yml` file of `dir` (sorted by name), and returns the WasmPlugins in
@@ -555,17 +749,17 @@ pub fn load_wasm_plugins(dir: impl AsRef<Path>) -> Result<Vec<WasmPluginSpec>, C
 /// As [`load_wasm_plugins`], but a bad manifest (or file) is reported and skipped, and the others
 /// are kept. A WasmPlugin whose namespace and name repeat an earlier one is reported and skipped.
 pub fn load_wasm_plugins_lenient(dir: impl AsRef<Path>) -> (Vec<WasmPluginSpec>, Vec<ConfigError>) {
+    let scan = scan_wasm_plugin_dir(dir);
+    (scan.plugins, scan.errors)
+}
+
+/// The `*.yaml` / `*.yml` files of a plugins folder, sorted by name (sub-folders are not read).
+pub fn manifest_files(dir: impl AsRef<Path>) -> Result<Vec<PathBuf>, ConfigError> {
     let dir = dir.as_ref();
-    let mut plugins: Vec<WasmPluginSpec> = Vec::new();
-    let mut errors = Vec::new();
-    let entries = match std::fs::read_dir(dir) {
-        Ok(entries) => entries,
-        Err(e) => {
-            let reason = format!("cannot read the plugins folder: {e}");
-            errors.push(ConfigError::new(dir.display().to_string(), "", reason));
-            return (plugins, errors);
-        }
-    };
+    let entries = std::fs::read_dir(dir).map_err(|e| {
+        let reason = format!("cannot read the plugins folder: {e}");
+        ConfigError::new(dir.display().to_string(), "", reason)
+    })?;
     let mut files: Vec<PathBuf> = entries
         .filter_map(Result::ok)
         .map(|e| e.path())
@@ -576,27 +770,42 @@ pub fn load_wasm_plugins_lenient(dir: impl AsRef<Path>) -> (Vec<WasmPluginSpec>,
         })
         .collect();
     files.sort();
+    Ok(files)
+}
+
+/// [`scan_wasm_plugins`] over every file of [`manifest_files`], in order, and a WasmPlugin whose
+/// namespace and name repeat an earlier one is an error (the earlier one is kept).
+pub fn scan_wasm_plugin_dir(dir: impl AsRef<Path>) -> ManifestScan {
+    let mut all = ManifestScan::default();
+    let files = match manifest_files(dir) {
+        Ok(files) => files,
+        Err(error) => {
+            all.errors.push(error);
+            return all;
+        }
+    };
     let mut seen: HashMap<(Option<String>, String), String> = HashMap::new();
     for file in files {
-        let (found, file_errors) = match std::fs::read_to_string(&file) {
-            Ok(text) => parse_wasm_plugins(&text, &file),
-            Err(e) => (
-                Vec::new(),
-                vec![ConfigError::new(
+        let scan = match std::fs::read_to_string(&file) {
+            Ok(text) => scan_wasm_plugins(&text, &file),
+            Err(e) => ManifestScan {
+                errors: vec![ConfigError::new(
                     file.display().to_string(),
                     "",
                     format!("cannot read the file: {e}"),
                 )],
-            ),
+                ..ManifestScan::default()
+            },
         };
-        errors.extend(file_errors);
-        for plugin in found {
+        all.errors.extend(scan.errors);
+        all.skipped.extend(scan.skipped);
+        for plugin in scan.plugins {
             let key = (
                 plugin.metadata.namespace.clone(),
                 plugin.metadata.name.clone(),
             );
             if let Some(first) = seen.get(&key) {
-                errors.push(ConfigError::new(
+                all.errors.push(ConfigError::new(
                     plugin.source_name(),
                     "metadata.name",
                     format!(
@@ -606,39 +815,88 @@ pub fn load_wasm_plugins_lenient(dir: impl AsRef<Path>) -> (Vec<WasmPluginSpec>,
                 ));
             } else {
                 seen.insert(key, plugin.source_name());
-                plugins.push(plugin);
+                all.plugins.push(plugin);
             }
         }
     }
-    (plugins, errors)
+    all
 }
 
-/// Parses the WasmPlugins of one (multi-document) YAML text read from `file`. Documents of other
-/// kinds (or other API groups), and empty documents, are skipped; a WasmPlugin of
-/// `extensions.istio.io` in a version other than v1alpha1 is an error. A YAML syntax error ends the
-/// file.
+/// Parses the WasmPlugins of one (multi-document) YAML text read from `file` (see
+/// [`scan_wasm_plugins`], whose notes on skipped documents this drops).
 pub fn parse_wasm_plugins(text: &str, file: &Path) -> (Vec<WasmPluginSpec>, Vec<ConfigError>) {
-    let mut plugins = Vec::new();
-    let mut errors = Vec::new();
+    let scan = scan_wasm_plugins(text, file);
+    (scan.plugins, scan.errors)
+}
+
+/// What one manifest file holds: its valid WasmPlugins, the errors of the others, and the documents
+/// that are not Istio WasmPlugins.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct ManifestScan {
+    pub plugins: Vec<WasmPluginSpec>,
+    pub errors: Vec<ConfigError>,
+    pub skipped: Vec<SkippedDocument>,
+}
+
+/// A document of a manifest file that is not a WasmPlugin, and why it was passed over.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SkippedDocument {
+    /// `"file (document n)"`.
+    pub source: String,
+    pub reason: String,
+}
+
+impl std::fmt::Display for SkippedDocument {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}: skipped: {}", self.source, self.reason)
+    }
+}
+
+/// Reads the documents of one (multi-document) YAML text read from `file`, as a plugins folder is
+/// read (the way `kubectl apply -f` would see the file, keeping only Istio's WasmPlugins):
+///
+/// - `kind: WasmPlugin` with `apiVersion: extensions.istio.io/v1alpha1`: parsed and checked
+///   (field by field, unknown fields refused, then Istio's rules); a bad one is an error and the
+///   others are kept;
+/// - `kind: WasmPlugin` of `extensions.istio.io` in another version, or without `apiVersion`, or
+///   an `extensions.istio.io` object without `kind`: an error;
+/// - anything else (other kinds such as a Secret or a Service, a `WasmPlugin` of another API group
+///   such as Higress', a document without `kind`): skipped, with a note;
+/// - empty documents (only comments): passed over silently.
+///
+/// A YAML syntax error ends the file. Document numbers are 1-based and count every document.
+pub fn scan_wasm_plugins(text: &str, file: &Path) -> ManifestScan {
+    let mut scan = ManifestScan::default();
     for (i, document) in serde_yaml::Deserializer::from_str(text).enumerate() {
         let index = i + 1;
         let source = source_name(file, index);
         let value = match serde_yaml::Value::deserialize(document) {
             Ok(value) => value,
             Err(e) => {
-                errors.push(ConfigError::from_yaml(&source, &e));
+                scan.errors.push(ConfigError::from_yaml(&source, &e));
                 break;
             }
         };
-        let kind = value.get("kind").and_then(serde_yaml::Value::as_str);
-        let api_version = value.get("apiVersion").and_then(serde_yaml::Value::as_str);
-        if kind != Some("WasmPlugin") {
+        let skip = |scan: &mut ManifestScan, reason: String| {
+            scan.skipped.push(SkippedDocument {
+                source: source.clone(),
+                reason,
+            });
+        };
+        if value.is_null() {
             continue;
         }
-        match api_version {
-            Some(v) if WASM_PLUGIN_API_VERSIONS.contains(&v) => {}
-            Some(v) if v.split('/').next() == Some(WASM_PLUGIN_GROUP) => {
-                errors.push(ConfigError::new(
+        if !value.is_mapping() {
+            skip(&mut scan, "not a Kubernetes object (not a map)".to_owned());
+            continue;
+        }
+        let kind = value.get("kind").and_then(serde_yaml::Value::as_str);
+        let api_version = value.get("apiVersion").and_then(serde_yaml::Value::as_str);
+        let istio_group = api_version.and_then(|v| v.split('/').next()) == Some(WASM_PLUGIN_GROUP);
+        match (kind, api_version) {
+            (Some("WasmPlugin"), Some(v)) if WASM_PLUGIN_API_VERSIONS.contains(&v) => {}
+            (Some("WasmPlugin"), Some(v)) if istio_group => {
+                scan.errors.push(ConfigError::new(
                     &source,
                     "apiVersion",
                     format!(
@@ -648,12 +906,51 @@ pub fn parse_wasm_plugins(text: &str, file: &Path) -> (Vec<WasmPluginSpec>, Vec<
                 ));
                 continue;
             }
-            _ => continue,
+            (Some("WasmPlugin"), None) => {
+                scan.errors.push(ConfigError::new(
+                    &source,
+                    "apiVersion",
+                    format!(
+                        "required field is missing (a WasmPlugin is {})",
+                        WASM_PLUGIN_API_VERSIONS[0]
+                    ),
+                ));
+                continue;
+            }
+            (Some("WasmPlugin"), Some(v)) => {
+                skip(
+                    &mut scan,
+                    format!("a WasmPlugin of {v:?}, not Istio's {WASM_PLUGIN_API_VERSIONS:?}"),
+                );
+                continue;
+            }
+            (None, Some(_)) if istio_group => {
+                scan.errors.push(ConfigError::new(
+                    &source,
+                    "kind",
+                    "required field is missing (WasmPlugin)",
+                ));
+                continue;
+            }
+            (None, _) => {
+                skip(&mut scan, "no kind: not a Kubernetes object".to_owned());
+                continue;
+            }
+            (Some(other), v) => {
+                skip(
+                    &mut scan,
+                    format!(
+                        "kind {other} ({}) is not a WasmPlugin",
+                        v.unwrap_or("no apiVersion")
+                    ),
+                );
+                continue;
+            }
         }
         let manifest: Manifest = match serde_path_to_error::deserialize(value) {
             Ok(m) => m,
             Err(e) => {
-                errors.push(ConfigError::from_serde(&source, "", e));
+                scan.errors.push(ConfigError::from_serde(&source, "", e));
                 continue;
             }
         };
@@ -667,29 +964,24 @@ pub fn parse_wasm_plugins(text: &str, file: &Path) -> (Vec<WasmPluginSpec>, Vec<
         let mut report = Report::new(&source);
         plugin.validate(&mut report);
         if report.errors.is_empty() {
-            plugins.push(plugin);
+            scan.plugins.push(plugin);
         } else {
-            errors.extend(report.errors);
+            scan.errors.extend(report.errors);
         }
     }
-    (plugins, errors)
+    scan
+}
+
+/// Whether a YAML text reads as Kubernetes manifests rather than a gateway configuration: one of
+/// its documents is a map with `kind` or `apiVersion` (keys a gateway configuration does not have).
+pub fn is_kubernetes_manifest(text: &str) -> bool {
+    serde_yaml::Deserializer::from_str(text)
+        .map_while(|d| serde_yaml::Value::deserialize(d).ok())
+        .any(|v| v.get("kind").is_some() || v.get("apiVersion").is_some())
 }
 
 fn source_name(file: &Path, document: usize) -> String {
     format!("{} (document {document})", file.display())
-}
-
-fn is_dns_subdomain(s: &str) -> bool {
-    !s.is_empty()
-        && s.len() <= 253
-        && s.split('.').all(|label| {
-            !label.is_empty()
-                && !label.starts_with('-')
-                && !label.ends_with('-')
-                && label
-                    .bytes()
-                    .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
-        })
 }
 
 fn is_c_identifier(s: &str) -> bool {
@@ -862,12 +1154,13 @@ spec:
         let env = &s.vm_config.as_ref().unwrap().env;
         assert_eq!(env[0].name, "POD_NAME");
         assert_eq!(env[0].value_from, EnvValueSource::Host);
-        assert_eq!(env[1].value, "cluster.local");
+        assert_eq!(env[1].value.as_deref(), Some("cluster.local"));
         assert_eq!(env[1].value_from, EnvValueSource::Inline);
         assert_eq!(s.traffic_match[0].mode, WorkloadMode::Client);
         assert_eq!(s.traffic_match[0].ports, vec![PortSelector { number: 443 }]);
-        assert!(p.applies_to_port(443));
-        assert!(!p.applies_to_port(8080));
+        assert!(p.matches_listener(443, ListenerMode::Client));
+        assert!(!p.matches_listener(443, ListenerMode::Server));
+        assert!(!p.matches_listener(8080, ListenerMode::Client));
 
         let host = |k: &str| (k == "POD_NAME").then(|| "gw-0".to_owned());
         let spec = p.to_plugin_spec_with_env(&host);
@@ -945,7 +1238,7 @@ status: {anything: goes}
         assert!(!p.spec.plugin_type.is_http());
         assert_eq!(p.spec.traffic_match[0].mode, WorkloadMode::Server);
         assert!(
-            p.applies_to_port(1),
+            p.matches_listener(1, ListenerMode::Server),
             "a selector without ports matches every port"
         );
         assert_eq!(p.plugin_config_json(), "");
@@ -1045,7 +1338,7 @@ status: {anything: goes}
                 "spec.sha256: \"ABC\" is not 64 lowercase hexadecimal characters",
             ),
             (
-                "  selector: {matchLabels: {a: b}}\n  targetRefs: [{kind: Gateway, name: gw}]\n",
+                "  selector: {matchLabels: {a: b}}\n  targetRefs: [{kind: Gateway, group: gateway.networking.k8s.io, name: gw}]\n",
                 "spec: only one of targetRefs or selector can be set",
             ),
             (
@@ -1082,7 +1375,7 @@ status: {anything: goes}
             errors_of(&bad_url),
             [
                 "plugins.d/a.yaml (document 1): spec.url: unsupported URL scheme \"ftp\" (allowed: \
-              file, http, https, oci, or none for OCI)"
+              file, http, https, oci, or none for OCI; a registry with a port needs oci://)"
             ]
         );
         let no_url = "apiVersion: extensions.istio.io/v1alpha1\nkind: WasmPlugin\nmetadata: {name: p}\nspec: {phase: AUTHN}\n";
@@ -1135,6 +1428,380 @@ status: {anything: goes}
             errs[0].starts_with("plugins.d/a.yaml (document 2): ") && errs[0].contains("line"),
             "{errs:?}"
         );
+    }
+
+    /// Every rule of Istio's CRD schema and validating webhook, one bad manifest each (the cases
+    /// of istio/istio `pkg/config/validation/testdata/crds/wasm-invalid.yaml` among them), each
+    /// rejected with its field and reason.
+    #[test]
+    fn istio_crd_and_webhook_rules() {
+        let with_url = |url: &str| manifest("p", "").replace("file:///p.wasm", url);
+        let at =
+            |field: &str, reason: &str| format!("plugins.d/a.yaml (document 1): {field}: {reason}");
+        let hex64 = "0123456789abcdef".repeat(4);
+        let refs17 = format!(
+            "  targetRefs:\n{}",
+            "  - {kind: Gateway, group: gateway.networking.k8s.io, name: g}\n".repeat(17)
+        );
+        let env257 = format!(
+            "  vmConfig:\n    env:\n{}",
+            (0..257)
+                .map(|i| format!("    - {{name: V{i}}}\n"))
+                .collect::<String>()
+        );
+        let long_value = format!(
+            "  vmConfig:\n    env:\n    - {{name: V, value: {}}}\n",
+            "x".repeat(2049)
+        );
+        let cases: Vec<(String, Vec<String>)> = vec![
+            // url
+            (with_url("\"\""), vec![at("spec.url", "must not be empty")]),
+            (
+                with_url("\"#%blah$#@\""),
+                vec![at("spec.url", "invalid URL escape \"%bl\"")],
+            ),
+            (
+                with_url("fake://example.com"),
+                vec![at(
+                    "spec.url",
+                    "unsupported URL scheme \"fake\" (allowed: file, http, https, oci, or none for \
+                     OCI; a registry with a port needs oci://)",
+                )],
+            ),
+            (
+                with_url("private-registry:5000/openid:latest"),
+                vec![at(
+                    "spec.url",
+                    "unsupported URL scheme \"private-registry\" (allowed: file, http, https, oci, \
+                     or none for OCI; a registry with a port needs oci://)",
+                )],
+            ),
+            (
+                with_url("\":x\""),
+                vec![at("spec.url", "missing protocol scheme")],
+            ),
+            (
+                with_url("\"oci://a\\tb\""),
+                vec![at("spec.url", "invalid control character in URL")],
+            ),
+            (
+                with_url("\"http://a b\""),
+                vec![at("spec.url", "a URL has no spaces")],
+            ),
+            (
+                with_url("~"),
+                vec![at(
+                    "spec.url",
+                    "invalid type: unit value, expected a string",
+                )],
+            ),
+            // sha256, imagePullSecret, pluginName
+            (
+                manifest("p", "  sha256: foo\n"),
+                vec![at("spec.sha256", "\"foo\" is not 64 lowercase hexadecimal characters")],
+            ),
+            (
+                manifest("p", &format!("  sha256: {}\n", hex64.to_uppercase())),
+                vec![at(
+                    "spec.sha256",
+                    &format!("{:?} is not 64 lowercase hexadecimal characters", hex64.to_uppercase()),
+                )],
+            ),
+            (
+                manifest("p", "  imagePullSecret: \"\"\n"),
+                vec![at("spec.imagePullSecret", "must be 1 to 253 characters")],
+            ),
+            (
+                manifest("p", &format!("  imagePullSecret: {}\n", "s".repeat(254))),
+                vec![at("spec.imagePullSecret", "must be 1 to 253 characters")],
+            ),
+            (
+                manifest("p", &format!("  pluginName: {}\n", "n".repeat(257))),
+                vec![at("spec.pluginName", "must be 1 to 256 characters")],
+            ),
+            // selector / targetRefs
+            (
+                manifest("p", "  selector: {matchLabels: {istio: \"bar*\"}}\n"),
+                vec![at(
+                    "spec.selector.matchLabels.istio",
+                    "wildcard not allowed in label value match",
+                )],
+            ),
+            (
+                manifest("p", "  selector: {matchLabels: {\"istio*\": bar}}\n"),
+                vec![at(
+                    "spec.selector.matchLabels.istio*",
+                    "wildcard not allowed in label key match",
+                )],
+            ),
+            (
+                manifest("p", "  selector: {matchLabels: {\"\": bar}}\n"),
+                vec![at("spec.selector.matchLabels", "key must not be empty")],
+            ),
+            (
+                manifest("p", &format!("  selector: {{matchLabels: {{a: {}}}}}\n", "v".repeat(64))),
+                vec![at(
+                    "spec.selector.matchLabels.a",
+                    "a label value has at most 63 characters",
+                )],
+            ),
+            (
+                manifest(
+                    "p",
+                    "  selector: {}\n  targetRef: {kind: Gateway, group: gateway.networking.k8s.io, name: g}\n",
+                ),
+                vec![at("spec", "only one of targetRefs or selector can be set")],
+            ),
+            (
+                manifest(
+                    "p",
+                    "  targetRef: {kind: Gateway, group: gateway.networking.k8s.io, name: g}\n  targetRefs: [{kind: Gateway, group: gateway.networking.k8s.io, name: g}]\n",
+                ),
+                vec![at("spec", "only one of targetRefs or selector can be set")],
+            ),
+            (
+                manifest("p", &refs17),
+                vec![at("spec.targetRefs", "at most 16 entries (17 given)")],
+            ),
+            (
+                manifest(
+                    "p",
+                    "  targetRefs: [{kind: Gateway, group: gateway.networking.k8s.io, name: g, namespace: other}]\n",
+                ),
+                vec![at(
+                    "spec.targetRefs[0].namespace",
+                    "cross namespace referencing is not currently supported",
+                )],
+            ),
+            (
+                manifest("p", "  targetRefs: [{kind: Deployment, group: apps, name: d}]\n"),
+                vec![at(
+                    "spec.targetRefs[0]",
+                    "targetRef must be to one of core/Service, networking.istio.io/ServiceEntry, \
+                     gateway.networking.k8s.io/Gateway, gateway.networking.k8s.io/GatewayClass but \
+                     was apps/Deployment",
+                )],
+            ),
+            (
+                manifest("p", "  targetRef: {kind: \"9Gateway\", group: Bad_Group, name: \"\"}\n"),
+                vec![
+                    at(
+                        "spec.targetRef.kind",
+                        "\"9Gateway\" is not a kind (1 to 63 letters, digits and '-', starting with a \
+                         letter)",
+                    ),
+                    at("spec.targetRef.name", "must be 1 to 253 characters"),
+                    at("spec.targetRef.group", "\"Bad_Group\" is not a valid API group"),
+                    at(
+                        "spec.targetRef",
+                        "targetRef must be to one of core/Service, networking.istio.io/ServiceEntry, \
+                         gateway.networking.k8s.io/Gateway, gateway.networking.k8s.io/GatewayClass \
+                         but was Bad_Group/9Gateway",
+                    ),
+                ],
+            ),
+            (
+                manifest("p", "  targetRefs: [{name: g}]\n"),
+                vec![at(
+                    "spec.targetRefs[0].kind",
+                    "required field is missing",
+                )],
+            ),
+            // vmConfig.env
+            (
+                manifest("p", "  vmConfig:\n    env:\n    - name: \"\"\n"),
+                vec![at("spec.vmConfig.env[0].name", "must be 1 to 256 characters")],
+            ),
+            (
+                manifest("p", "  vmConfig:\n    env:\n    - name: a\n    - name: a\n"),
+                vec![at("spec.vmConfig.env[1].name", "duplicate name \"a\" (also env[0])")],
+            ),
+            (
+                manifest(
+                    "p",
+                    "  vmConfig:\n    env:\n    - name: test\n      valueFrom: HOST\n      value: \"\"\n",
+                ),
+                vec![at(
+                    "spec.vmConfig.env[0].value",
+                    "value may only be set when valueFrom is INLINE",
+                )],
+            ),
+            (
+                manifest("p", "  vmConfig:\n    env:\n    - {name: A-B}\n"),
+                vec![at(
+                    "spec.vmConfig.env[0].name",
+                    "\"A-B\" is not a valid environment variable name (a C identifier)",
+                )],
+            ),
+            (
+                manifest("p", "  vmConfig:\n    env:\n    - {name: A, valueFrom: ENV}\n"),
+                vec![at(
+                    "spec.vmConfig.env[0].valueFrom",
+                    "unknown variant `ENV`, expected `INLINE` or `HOST`",
+                )],
+            ),
+            (
+                manifest("p", &env257),
+                vec![at("spec.vmConfig.env", "at most 256 entries (257 given)")],
+            ),
+            (
+                manifest("p", &long_value),
+                vec![at("spec.vmConfig.env[0].value", "at most 2048 characters")],
+            ),
+            // match
+            (
+                manifest("p", "  match:\n    - ports:\n      - {}\n"),
+                vec![at(
+                    "spec.match[0].ports[0].number",
+                    "required field is missing",
+                )],
+            ),
+            (
+                manifest("p", "  match:\n  - ports: [{number: 80}, {number: 80}]\n"),
+                vec![at(
+                    "spec.match[0].ports[1].number",
+                    "duplicate port 80 (also ports[0])",
+                )],
+            ),
+            (
+                manifest("p", "  match:\n  - ports: [{number: 65536}]\n"),
+                vec![at(
+                    "spec.match[0].ports[0].number",
+                    "port 65536 is outside 1..=65535",
+                )],
+            ),
+            (
+                manifest("p", "  match:\n  - mode: INBOUND\n"),
+                vec![at(
+                    "spec.match[0].mode",
+                    "unknown variant `INBOUND`, expected one of `UNDEFINED`, `CLIENT`, `SERVER`, \
+                     `CLIENT_AND_SERVER`",
+                )],
+            ),
+            // enums and numbers
+            (
+                manifest("p", "  priority: 2147483648\n"),
+                vec![at(
+                    "spec.priority",
+                    "invalid value: integer `2147483648`, expected i32",
+                )],
+            ),
+            (
+                manifest("p", "  imagePullPolicy: Never\n"),
+                vec![at(
+                    "spec.imagePullPolicy",
+                    "unknown variant `Never`, expected one of `UNSPECIFIED_POLICY`, \
+                     `IfNotPresent`, `Always`",
+                )],
+            ),
+            (
+                manifest("p", "  type: TCP\n"),
+                vec![at(
+                    "spec.type",
+                    "unknown variant `TCP`, expected one of `UNSPECIFIED_PLUGIN_TYPE`, `HTTP`, \
+                     `NETWORK`",
+                )],
+            ),
+            (
+                manifest("p", "  pluginConfig: [1]\n"),
+                vec![at("spec.pluginConfig", "must be a map")],
+            ),
+            // spec
+            (
+                "apiVersion: extensions.istio.io/v1alpha1\nkind: WasmPlugin\nmetadata: {name: p}\nspec:\n"
+                    .to_owned(),
+                // Istio: "spec in body must be of type object: null"; an empty spec lacks url.
+                vec![at("spec.url", "required field is missing")],
+            ),
+            (
+                "apiVersion: extensions.istio.io/v1alpha1\nkind: WasmPlugin\nmetadata: {name: p}\n"
+                    .to_owned(),
+                vec![at("spec", "required field is missing")],
+            ),
+            (
+                manifest("p", "").replace("  name: p\n", "  name: p\n  namespace: a.b\n"),
+                vec![at("metadata.namespace", "\"a.b\" is not a valid namespace")],
+            ),
+        ];
+        for (text, expected) in &cases {
+            assert_eq!(&errors_of(text), expected, "{text}");
+        }
+        // What Istio accepts (wasm-valid.yaml's cases among them): URL forms, a full env list.
+        for url in [
+            "test",
+            "http://test",
+            "ghcr.io/istio-ecosystem/wasm-extensions/basic_auth:1.12.0",
+            "oci://private-registry:5000/openid-connect/openid:latest",
+            "docker.io/org/plugin@sha256:0123456789abcdef0123456789abcdef0123456789abcdef0123456789abcdef",
+            "HTTPS://example.com/p.wasm",
+            "file:///opt/filters/openid.wasm",
+            "/opt/p.wasm",
+            "./p.wasm",
+            "https://example.com/a%20b.wasm",
+        ] {
+            assert_eq!(errors_of(&with_url(url)), Vec::<String>::new(), "{url}");
+        }
+        let env = manifest(
+            "env",
+            "  vmConfig:\n    env:\n      - name: \"test\"\n        valueFrom: HOST\n      - name: \"test2\"\n        valueFrom: INLINE\n        value: \"test\"\n      - name: \"test3\"\n        value: \"test\"\n",
+        );
+        let p = parse_one(&env);
+        let env = &p.spec.vm_config.as_ref().unwrap().env;
+        assert_eq!(env[0].value, None);
+        assert_eq!(env[2].value.as_deref(), Some("test"));
+        assert_eq!(
+            parse_one(&manifest("p", "  priority: -2147483648\n"))
+                .spec
+                .priority,
+            Some(i32::MIN)
+        );
+    }
+
+    #[test]
+    fn kinds_and_api_versions_in_a_manifest_file() {
+        let text = format!(
+            "apiVersion: v1\nkind: Secret\nmetadata: {{name: pull}}\ntype: kubernetes.io/dockerconfigjson\n---\n\
+             apiVersion: extensions.higress.io/v1alpha1\nkind: WasmPlugin\nmetadata: {{name: h}}\nspec: {{url: oci://x}}\n---\n\
+             kind: WasmPlugin\nmetadata: {{name: q}}\nspec: {{url: oci://x}}\n---\n\
+             apiVersion: extensions.istio.io/v1alpha1\nmetadata: {{name: r}}\nspec: {{url: oci://x}}\n---\n\
+             apiVersion: extensions.istio.io/v1alpha1\nkind: TrafficExtension\nmetadata: {{name: t}}\nspec: {{}}\n---\n\
+             [a, list]\n---\n\
+             listeners: []\n---\n\
+             # only a comment\n---\n{}",
+            manifest("good", "")
+        );
+        let scan = scan_wasm_plugins(&text, Path::new("m.yaml"));
+        assert_eq!(
+            scan.errors
+                .iter()
+                .map(ToString::to_string)
+                .collect::<Vec<_>>(),
+            [
+                "m.yaml (document 3): apiVersion: required field is missing (a WasmPlugin is \
+                 extensions.istio.io/v1alpha1)",
+                "m.yaml (document 4): kind: required field is missing (WasmPlugin)",
+            ]
+        );
+        assert_eq!(
+            scan.skipped
+                .iter()
+                .map(ToString::to_string)
+                .collect::<Vec<_>>(),
+            [
+                "m.yaml (document 1): skipped: kind Secret (v1) is not a WasmPlugin",
+                "m.yaml (document 2): skipped: a WasmPlugin of \"extensions.higress.io/v1alpha1\", \
+                 not Istio's [\"extensions.istio.io/v1alpha1\"]",
+                "m.yaml (document 5): skipped: kind TrafficExtension \
+                 (extensions.istio.io/v1alpha1) is not a WasmPlugin",
+                "m.yaml (document 6): skipped: not a Kubernetes object (not a map)",
+                "m.yaml (document 7): skipped: no kind: not a Kubernetes object",
+            ]
+        );
+        assert_eq!(scan.plugins.len(), 1);
+        assert_eq!(scan.plugins[0].document, 9);
+        assert!(is_kubernetes_manifest(&text));
+        assert!(!is_kubernetes_manifest("listeners: []\nworkers: 1\n"));
+        assert!(!is_kubernetes_manifest(""));
     }
 
     #[test]
@@ -1253,7 +1920,7 @@ status: {anything: goes}
                 "authz-high",
                 "authz-low",
                 "authz-min",
-                "authz-none", // unset priority after even i32::MIN
+                "authz-none", // unset counts as i32::MIN: a tie with authz-min, broken by name
                 "stats-1",
                 "u-5",
                 "u-none",

@@ -616,7 +616,20 @@ pub fn serve(
             return Err(error.into());
         }
     };
-    // Watching starts before readiness is announced, so no change made after it is missed.
+    // Signal handlers and watching start before readiness is announced, so no SIGTERM, SIGHUP or
+    // change that follows the announcement is missed.
+    let signals = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    let (mut term, mut int, mut hup) = {
+        use tokio::signal::unix::{SignalKind, signal};
+        let _context = signals.enter();
+        (
+            signal(SignalKind::terminate())?,
+            signal(SignalKind::interrupt())?,
+            signal(SignalKind::hangup())?,
+        )
+    };
     let (events, received) = std::sync::mpsc::channel::<ControlEvent>();
     // Kept alive while serving: dropping it stops the watching.
     let _watcher = match &config_path {
@@ -657,14 +670,7 @@ pub fn serve(
             })?
     };
 
-    let signals = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()?;
     signals.block_on(async {
-        use tokio::signal::unix::{SignalKind, signal};
-        let mut term = signal(SignalKind::terminate())?;
-        let mut int = signal(SignalKind::interrupt())?;
-        let mut hup = signal(SignalKind::hangup())?;
         loop {
             tokio::select! {
                 _ = term.recv() => break,
