@@ -62,6 +62,23 @@ pub struct GatewayConfig {
     /// apply to it.
     #[serde(default)]
     pub workload: Workload,
+    /// Kubernetes as a source of WasmPlugins and pull secrets, beside `plugins_dir`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub kubernetes: Option<KubernetesSource>,
+}
+
+/// WasmPlugin objects (and the dockerconfigjson Secrets they name) watched in the gateway's
+/// namespace and the root namespace (`workload.namespace`, `workload.root_namespace`), mirrored to
+/// files that go through the same validation and hot reload as `plugins_dir`.
+#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct KubernetesSource {
+    /// A kubeconfig file; default: in-cluster service account, else `$KUBECONFIG` or `~/.kube/config`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub kubeconfig: Option<PathBuf>,
+    /// Where the mirror is written; default: `kubernetes/` in the module cache folder.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub mirror_dir: Option<PathBuf>,
 }
 
 /// Remote module fetching (Istio's agent defaults).
@@ -404,6 +421,7 @@ impl Default for GatewayConfig {
             module_fetch: ModuleFetch::default(),
             module_cache: ModuleCache::default(),
             workload: Workload::default(),
+            kubernetes: None,
         }
     }
 }
@@ -460,6 +478,14 @@ impl GatewayConfig {
         }
         if let Some(dir) = &mut self.pull_secrets_dir {
             *dir = crate::resolve_path(base, dir);
+        }
+        if let Some(kubernetes) = &mut self.kubernetes {
+            for path in [&mut kubernetes.kubeconfig, &mut kubernetes.mirror_dir]
+                .into_iter()
+                .flatten()
+            {
+                *path = crate::resolve_path(base, path);
+            }
         }
         if let Some(dir) = &mut self.module_cache.dir {
             *dir = crate::resolve_path(base, dir);

@@ -29,8 +29,9 @@ pub use envoy::{
 };
 pub use error::{ConfigError, ConfigErrors};
 pub use gateway::{
-    Cluster, ClusterTls, DEFAULT_ADMIN, DirectResponse, Endpoint, GatewayConfig, Listener,
-    ListenerLimits, ListenerTls, PathMatcher, Route, RouteAction, RouteMatch, domain_matches,
+    Cluster, ClusterTls, DEFAULT_ADMIN, DirectResponse, Endpoint, GatewayConfig, KubernetesSource,
+    Listener, ListenerLimits, ListenerTls, ModuleCache, ModuleFetch, PathMatcher, Route,
+    RouteAction, RouteMatch, domain_matches,
 };
 pub use plugin::{CodeSource, FailurePolicy, PluginOrigin, PluginSpec};
 pub use value::configuration_text;

@@ -62,13 +62,22 @@ pub fn fetch_options(config: &GatewayConfig) -> anyhow::Result<FetchOptions> {
     })
 }
 
+/// How long start-up waits for the Kubernetes API's first lists.
+const KUBERNETES_SYNC_WAIT: Duration = Duration::from_secs(30);
+
 /// What the control side works with: the engine, the module fetcher and its cache.
 pub struct Control {
     pub runtime: Arc<Runtime>,
     pub fetcher: Arc<Fetcher>,
     /// Runs fetches for the control thread (module downloads are async).
     io: tokio::runtime::Runtime,
-    pull_secrets_dir: Option<PathBuf>,
+    /// Where `imagePullSecret` names are looked up, in order: `pull_secrets_dir`, then the
+    /// Kubernetes mirror's secrets.
+    secrets_dirs: Vec<PathBuf>,
+    /// WasmPlugin folders beside the configuration's `plugins_dir`: the Kubernetes mirror's.
+    extra_plugin_dirs: Vec<PathBuf>,
+    /// The Kubernetes mirror, while it runs.
+    kubernetes: parking_lot::Mutex<Option<wasmgate_kube::KubeHandle>>,
     retry_initial_backoff: Duration,
     cache_expiry: Duration,
     purge_interval: Duration,
@@ -83,34 +92,89 @@ impl Control {
         })?;
         let fetcher = Fetcher::new(fetch_options(config)?, Arc::new(cache))
             .map_err(|e| anyhow::anyhow!("{e}"))?;
+        let mut secrets_dirs: Vec<PathBuf> = config.pull_secrets_dir.iter().cloned().collect();
+        let mut extra_plugin_dirs = Vec::new();
+        let kubernetes = match &config.kubernetes {
+            Some(source) => {
+                let handle = wasmgate_kube::KubeSource {
+                    namespace: config.workload.namespace.clone(),
+                    root_namespace: config.workload.root_namespace.clone(),
+                    kubeconfig: source.kubeconfig.clone(),
+                    mirror_dir: source
+                        .mirror_dir
+                        .clone()
+                        .unwrap_or_else(|| cache_root(config).join("kubernetes")),
+                }
+                .start()
+                .context("kubernetes")?;
+                if !handle.wait_synced(KUBERNETES_SYNC_WAIT) {
+                    tracing::warn!(
+                        "the Kubernetes API did not list the WasmPlugins within {KUBERNETES_SYNC_WAIT:?}; starting with what the mirror holds, changes apply when they arrive"
+                    );
+                }
+                secrets_dirs.push(handle.secrets_dir());
+                extra_plugin_dirs.push(handle.plugins_dir());
+                Some(handle)
+            }
+            None => None,
+        };
         Ok(Self {
             runtime,
             fetcher: Arc::new(fetcher),
             io: tokio::runtime::Builder::new_current_thread()
                 .enable_all()
                 .build()?,
-            pull_secrets_dir: config.pull_secrets_dir.clone(),
+            secrets_dirs,
+            extra_plugin_dirs,
+            kubernetes: parking_lot::Mutex::new(kubernetes),
             retry_initial_backoff: config.module_fetch.retry_initial_backoff,
             cache_expiry: config.module_cache.expiry,
             purge_interval: config.module_cache.purge_interval,
         })
     }
 
-    /// The dockerconfigjson an `imagePullSecret` names, from `pull_secrets_dir`.
+    /// The dockerconfigjson an `imagePullSecret` names, from `pull_secrets_dir` or the Kubernetes
+    /// mirror.
     fn pull_secret(&self, name: &str) -> Result<DockerConfig, String> {
-        let Some(dir) = &self.pull_secrets_dir else {
+        if self.secrets_dirs.is_empty() {
             return Err(format!(
-                "imagePullSecret {name:?} is set but the gateway has no pull_secrets_dir"
+                "imagePullSecret {name:?} is set but the gateway has no pull_secrets_dir (nor a kubernetes source)"
             ));
-        };
-        let candidates = [dir.join(name), dir.join(format!("{name}.json"))];
-        let Some(path) = candidates.iter().find(|p| p.is_file()) else {
-            return Err(format!(
-                "imagePullSecret {name:?}: no file {name} or {name}.json in {}",
-                dir.display()
-            ));
-        };
-        DockerConfig::from_file(path).map_err(|e| format!("imagePullSecret {name:?}: {e}"))
+        }
+        let path = self
+            .secrets_dirs
+            .iter()
+            .flat_map(|dir| [dir.join(name), dir.join(format!("{name}.json"))])
+            .find(|p| p.is_file())
+            .ok_or_else(|| {
+                let dirs: Vec<String> = self
+                    .secrets_dirs
+                    .iter()
+                    .map(|d| d.display().to_string())
+                    .collect();
+                format!(
+                    "imagePullSecret {name:?}: no file {name} or {name}.json in {}",
+                    dirs.join(" or ")
+                )
+            })?;
+        DockerConfig::from_file(&path).map_err(|e| format!("imagePullSecret {name:?}: {e}"))
+    }
+
+    /// Every folder of WasmPlugin manifests: the configuration's `plugins_dir`, then the mirror's.
+    fn plugin_dirs(&self, config: &GatewayConfig) -> Vec<PathBuf> {
+        config
+            .plugins_dir
+            .iter()
+            .chain(&self.extra_plugin_dirs)
+            .cloned()
+            .collect()
+    }
+
+    /// Stops the Kubernetes mirror, if one runs.
+    fn stop(&self) {
+        if let Some(handle) = self.kubernetes.lock().take() {
+            handle.stop();
+        }
     }
 
     /// A remote plugin's module, fetched (or taken from the cache) and compiled.
@@ -314,10 +378,13 @@ pub fn prepare(
     previous: &[Slot],
 ) -> anyhow::Result<Prepared> {
     let started = Instant::now();
-    let (wasm_plugins, rejected) = match &config.plugins_dir {
-        Some(dir) => wasmgate_config::load_wasm_plugins_lenient(dir),
-        None => (Vec::new(), Vec::new()),
-    };
+    let mut wasm_plugins = Vec::new();
+    let mut rejected = Vec::new();
+    for dir in control.plugin_dirs(config) {
+        let (plugins, errors) = wasmgate_config::load_wasm_plugins_lenient(&dir);
+        wasm_plugins.extend(plugins);
+        rejected.extend(errors);
+    }
     for error in &rejected {
         tracing::error!("WasmPlugin manifest rejected, the other plugins load: {error}");
     }
@@ -633,7 +700,7 @@ pub fn serve(
     let (events, received) = std::sync::mpsc::channel::<ControlEvent>();
     // Kept alive while serving: dropping it stops the watching.
     let _watcher = match &config_path {
-        Some(path) => watch(path, config.plugins_dir.as_deref(), events.clone()),
+        Some(path) => watch(path, &control.plugin_dirs(&config), &control.secrets_dirs, events.clone()),
         None => None,
     };
     for (name, address) in gateway.addresses() {
@@ -667,6 +734,7 @@ pub fn serve(
                         *plugins.write() = value;
                     },
                 );
+                control.stop();
             })?
     };
 
@@ -692,28 +760,32 @@ pub fn serve(
     Ok(())
 }
 
-/// Watches the config file and the plugins folder; each change asks for a reload.
+/// Watches the config file, the plugin folders and the secret folders; each change asks for a
+/// reload.
 fn watch(
     config_path: &Path,
-    plugins_dir: Option<&Path>,
+    plugin_dirs: &[PathBuf],
+    secrets_dirs: &[PathBuf],
     events: std::sync::mpsc::Sender<ControlEvent>,
 ) -> Option<notify::RecommendedWatcher> {
     use notify::{RecursiveMode, Watcher};
-    let config_path = std::fs::canonicalize(config_path).unwrap_or_else(|_| config_path.to_owned());
-    let plugins_dir =
-        plugins_dir.map(|d| std::fs::canonicalize(d).unwrap_or_else(|_| d.to_owned()));
+    let canonical = |p: &Path| std::fs::canonicalize(p).unwrap_or_else(|_| p.to_owned());
+    let config_path = canonical(config_path);
+    // A changed secret matters too: a plugin whose pull failed for want of it is tried again.
+    let dirs: Vec<PathBuf> = plugin_dirs
+        .iter()
+        .chain(secrets_dirs)
+        .map(|d| canonical(d))
+        .collect();
     let watched_config = config_path.clone();
-    let watched_plugins = plugins_dir.clone();
+    let watched_dirs = dirs.clone();
     let handler = move |event: notify::Result<notify::Event>| {
         let Ok(event) = event else { return };
         if event.kind.is_access() {
             return;
         }
         let relevant = event.paths.iter().find(|path| {
-            *path == &watched_config
-                || watched_plugins
-                    .as_ref()
-                    .is_some_and(|dir| path.starts_with(dir))
+            *path == &watched_config || watched_dirs.iter().any(|dir| path.starts_with(dir))
         });
         if let Some(path) = relevant {
             let _ = events.send(ControlEvent::Reload(format!("{} changed", path.display())));
@@ -728,7 +800,7 @@ fn watch(
     };
     // The folder, not the file: editors and `kubectl` replace files by renaming over them.
     let config_dir = config_path.parent().unwrap_or(Path::new("/"));
-    for dir in std::iter::once(config_dir).chain(plugins_dir.as_deref()) {
+    for dir in std::iter::once(config_dir).chain(dirs.iter().map(PathBuf::as_path)) {
         if let Err(error) = watcher.watch(dir, RecursiveMode::NonRecursive) {
             tracing::warn!(
                 "cannot watch {} for changes ({error}); SIGHUP reloads",
@@ -969,8 +1041,10 @@ fn needs_restart(old: &GatewayConfig, new: &GatewayConfig) -> Option<&'static st
     } else if old.module_fetch != new.module_fetch
         || old.module_cache != new.module_cache
         || old.insecure_registries != new.insecure_registries
+        || old.pull_secrets_dir != new.pull_secrets_dir
+        || old.kubernetes != new.kubernetes
     {
-        Some("module_fetch, module_cache or insecure_registries")
+        Some("module_fetch, module_cache, insecure_registries, pull_secrets_dir or kubernetes")
     } else {
         None
     }
