@@ -155,6 +155,14 @@ pub struct Listener {
     /// Envoy-style Wasm filters, in chain order (see [`GatewayConfig::chain_for_listener`]).
     #[serde(default)]
     pub http_filters: Vec<HttpFilter>,
+    /// Envoy-style Wasm network filters (the same fields as `http_filters`), run on the
+    /// connection's bytes (see [`GatewayConfig::chain_for_network_listener`]).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub network_filters: Vec<HttpFilter>,
+    /// Makes the listener a TCP proxy (Envoy's `tcp_proxy`): connections go to a cluster as bytes,
+    /// through `network_filters`; no HTTP, no routes.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tcp_proxy: Option<TcpProxy>,
     /// Tried in order; the first route whose domains and match fit the request wins.
     #[serde(default)]
     pub routes: Vec<Route>,
@@ -163,6 +171,25 @@ pub struct Listener {
     pub tls: Option<ListenerTls>,
     #[serde(default)]
     pub limits: ListenerLimits,
+}
+
+/// Where a TCP proxy listener sends its connections.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TcpProxy {
+    /// The cluster connections go to.
+    pub cluster: String,
+    /// TLS passthrough: a connection whose ClientHello names one of `server_names` (exact, or
+    /// `*.suffix`) goes to that route's cluster; the TLS bytes pass untouched.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub sni_routes: Vec<SniRoute>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SniRoute {
+    pub server_names: Vec<String>,
+    pub cluster: String,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -494,7 +521,11 @@ impl GatewayConfig {
             *ca = crate::resolve_path(base, ca);
         }
         for listener in &mut self.listeners {
-            for filter in &mut listener.http_filters {
+            for filter in listener
+                .http_filters
+                .iter_mut()
+                .chain(listener.network_filters.iter_mut())
+            {
                 filter.resolve_paths(base);
             }
             if let Some(tls) = &mut listener.tls {
@@ -620,6 +651,44 @@ impl GatewayConfig {
             for (fi, filter) in listener.http_filters.iter().enumerate() {
                 filter.validate(&format!("{at}.http_filters[{fi}]"), &mut report);
             }
+            for (fi, filter) in listener.network_filters.iter().enumerate() {
+                filter.validate(&format!("{at}.network_filters[{fi}]"), &mut report);
+            }
+            if let Some(proxy) = &listener.tcp_proxy {
+                let unknown =
+                    |cluster: &str| format!("unknown cluster {cluster:?} (known: {known})");
+                if !cluster_names.contains_key(proxy.cluster.as_str()) {
+                    report.push(format!("{at}.tcp_proxy.cluster"), unknown(&proxy.cluster));
+                }
+                for (si, route) in proxy.sni_routes.iter().enumerate() {
+                    if !cluster_names.contains_key(route.cluster.as_str()) {
+                        report.push(
+                            format!("{at}.tcp_proxy.sni_routes[{si}].cluster"),
+                            unknown(&route.cluster),
+                        );
+                    }
+                    if route.server_names.is_empty()
+                        || route.server_names.iter().any(String::is_empty)
+                    {
+                        report.push(
+                            format!("{at}.tcp_proxy.sni_routes[{si}].server_names"),
+                            "list at least one server name, none empty".to_owned(),
+                        );
+                    }
+                }
+                for (field, present) in [
+                    ("routes", !listener.routes.is_empty()),
+                    ("http_filters", !listener.http_filters.is_empty()),
+                    ("tls", listener.tls.is_some()),
+                ] {
+                    if present {
+                        report.push(
+                            format!("{at}.{field}"),
+                            "a tcp_proxy listener carries bytes, not HTTP: remove it (TLS passes through; route it with tcp_proxy.sni_routes)".to_owned(),
+                        );
+                    }
+                }
+            }
             for (ri, route) in listener.routes.iter().enumerate() {
                 let at = format!("{at}.routes[{ri}]");
                 validate_route(route, &at, &cluster_names, &known, &mut report);
@@ -733,7 +802,8 @@ impl GatewayConfig {
     /// it (as in [`chain_for_listener`](Self::chain_for_listener)), phases `AUTHN`, `AUTHZ`,
     /// `STATS`, then unspecified, each in Istio's order. Istio runs them as
     /// `envoy.filters.network.wasm` on the listener's connections, HTTP ones included; they are
-    /// never in the HTTP chain.
+    /// never in the HTTP chain. The listener's own `network_filters` come after the phased
+    /// WasmPlugins and before the unphased ones, as its `http_filters` do in the HTTP chain.
     pub fn chain_for_network_listener(
         &self,
         listener_index: usize,
@@ -747,9 +817,26 @@ impl GatewayConfig {
             .filter(|p| !p.spec.plugin_type.is_http() && self.applies_to_listener(listener, p))
             .collect();
         order_plugins_for(&self.workload, &mut network);
-        network
+        let (before, after): (Vec<_>, Vec<_>) = network
+            .into_iter()
+            .partition(|p| p.spec.phase != PluginPhase::UnspecifiedPhase);
+        let own = listener
+            .network_filters
+            .iter()
+            .enumerate()
+            .filter_map(|(i, f)| {
+                let mut spec = f.to_plugin_spec(&listener.name, i)?;
+                spec.origin = crate::PluginOrigin::EnvoyNetworkFilter {
+                    listener: listener.name.clone(),
+                    index: i,
+                };
+                Some(spec)
+            });
+        before
             .into_iter()
             .map(WasmPluginSpec::to_plugin_spec)
+            .chain(own)
+            .chain(after.into_iter().map(WasmPluginSpec::to_plugin_spec))
             .collect()
     }
 
@@ -1305,7 +1392,8 @@ listeners:
         assert_eq!(
             parse_err("listeners:\n  - name: a\n    address: 127.0.0.1:1\n    clustr: x\n"),
             "gw.yaml: listeners[0].clustr: unknown field `clustr`, expected one of `name`, \
-             `address`, `mode`, `http_filters`, `routes`, `tls`, `limits` (line 4, column 5)"
+             `address`, `mode`, `http_filters`, `network_filters`, `tcp_proxy`, `routes`, `tls`, \
+             `limits` (line 4, column 5)"
         );
         assert_eq!(
             parse_err("listeners:\n  - name: a\n    address: foo\n"),
@@ -1544,5 +1632,61 @@ plugins_dir: /no/plugins.d
             },
             config
         );
+    }
+
+    #[test]
+    fn tcp_proxy_listeners_with_network_filters() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("counter.wasm"), b"\0asm\x01\0\0\0").unwrap();
+        let yaml = r#"
+listeners:
+  - name: tcp
+    address: 127.0.0.1:9000
+    network_filters:
+      - name: counter
+        configuration: { metric: bytes }
+        vm_config: { code: { local: { filename: counter.wasm } } }
+    tcp_proxy:
+      cluster: echo
+      sni_routes: [ { server_names: [a.example.com, "*.b.example.com"], cluster: echo } ]
+clusters:
+  - { name: echo, endpoints: ["127.0.0.1:9001"] }
+"#;
+        let path = dir.path().join("gw.yaml");
+        std::fs::write(&path, yaml).unwrap();
+        let config = GatewayConfig::load(&path).unwrap();
+        let proxy = config.listeners[0].tcp_proxy.as_ref().unwrap();
+        assert_eq!(proxy.cluster, "echo");
+        assert_eq!(proxy.sni_routes[0].server_names.len(), 2);
+        assert!(config.chain_for_listener(0, &[]).is_empty());
+        let network = config.chain_for_network_listener(0, &[]);
+        assert_eq!(network.len(), 1);
+        assert_eq!(network[0].configuration, br#"{"metric":"bytes"}"#.to_vec());
+        assert_eq!(
+            network[0].origin.to_string(),
+            "listener \"tcp\" network_filters[0]"
+        );
+
+        let errs = validate_errs(
+            r#"
+listeners:
+  - name: tcp
+    address: 127.0.0.1:9000
+    routes: [ { match: { prefix: / }, cluster: echo } ]
+    tcp_proxy: { cluster: nowhere, sni_routes: [ { server_names: [], cluster: echo } ] }
+clusters:
+  - { name: echo, endpoints: ["127.0.0.1:9001"] }
+"#,
+        );
+        for expected in [
+            "listeners[0].tcp_proxy.cluster: unknown cluster \"nowhere\"",
+            "listeners[0].tcp_proxy.sni_routes[0].server_names: list at least one",
+            "listeners[0].routes: a tcp_proxy listener carries bytes, not HTTP",
+        ] {
+            assert!(
+                errs.iter().any(|e| e.contains(expected)),
+                "{expected} in {errs:#?}"
+            );
+        }
     }
 }

@@ -31,7 +31,7 @@ pub use error::{ConfigError, ConfigErrors};
 pub use gateway::{
     Cluster, ClusterTls, DEFAULT_ADMIN, DirectResponse, Endpoint, GatewayConfig, KubernetesSource,
     Listener, ListenerLimits, ListenerTls, ModuleCache, ModuleFetch, PathMatcher, Route,
-    RouteAction, RouteMatch, domain_matches,
+    RouteAction, RouteMatch, SniRoute, TcpProxy, domain_matches,
 };
 pub use plugin::{CodeSource, FailurePolicy, PluginOrigin, PluginSpec};
 pub use value::configuration_text;

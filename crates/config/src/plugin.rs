@@ -72,6 +72,8 @@ pub enum FailurePolicy {
 pub enum PluginOrigin {
     /// `listeners[..].http_filters[index]` of the gateway config, on the listener named `listener`.
     EnvoyFilter { listener: String, index: usize },
+    /// `listeners[..].network_filters[index]`, on the listener named `listener`.
+    EnvoyNetworkFilter { listener: String, index: usize },
     /// A WasmPlugin manifest: `document` is 1-based within `file`; `name` is `metadata.name`.
     WasmPlugin {
         file: PathBuf,
@@ -85,6 +87,9 @@ impl std::fmt::Display for PluginOrigin {
         match self {
             PluginOrigin::EnvoyFilter { listener, index } => {
                 write!(f, "listener {listener:?} http_filters[{index}]")
+            }
+            PluginOrigin::EnvoyNetworkFilter { listener, index } => {
+                write!(f, "listener {listener:?} network_filters[{index}]")
             }
             PluginOrigin::WasmPlugin {
                 file,
