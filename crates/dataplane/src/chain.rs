@@ -388,10 +388,17 @@ pub(crate) struct Chain {
 }
 
 impl Chain {
-    /// Creates a stream context in every plugin of the chain.
-    pub fn new(plugins: &[Rc<Plugin>], info: &StreamInfo, buffer_limit: usize) -> Flow<Self> {
+    /// Creates a stream context in every plugin of the chain; each gets its own copy of `info`
+    /// (the last one the original).
+    pub fn new(plugins: &[Rc<Plugin>], info: StreamInfo, buffer_limit: usize) -> Flow<Self> {
         let mut stages = Vec::with_capacity(plugins.len());
-        for plugin in plugins {
+        let mut info = Some(info);
+        for (position, plugin) in plugins.iter().enumerate() {
+            let info = if position + 1 == plugins.len() {
+                info.take().unwrap_or_default()
+            } else {
+                info.clone().unwrap_or_default()
+            };
             let context = Self::open(plugin, info)?;
             stages.push(Stage {
                 plugin: plugin.clone(),
@@ -414,7 +421,7 @@ impl Chain {
         }
     }
 
-    fn open(plugin: &Rc<Plugin>, info: &StreamInfo) -> Flow<Option<u32>> {
+    fn open(plugin: &Rc<Plugin>, info: StreamInfo) -> Flow<Option<u32>> {
         if plugin.failure().is_some() {
             match plugin.spec.failure_policy {
                 FailurePolicy::FailOpen => return Ok(None),
@@ -438,7 +445,7 @@ impl Chain {
         match vm.create_stream(plugin.root.get()) {
             Ok(context) => {
                 if let Some(stream) = vm.stream_mut(context) {
-                    stream.info = info.clone();
+                    stream.info = info;
                 }
                 Ok(Some(context))
             }
@@ -471,16 +478,26 @@ impl Chain {
         })
     }
 
-    /// Stage indexes in the order `direction` visits them, starting at `from` (inclusive).
+    /// Stage indexes in the order `direction` visits them: the request path all of them in chain
+    /// order, the response path in reverse through stage `through` (inclusive), or all.
     fn order(&self, direction: Direction, through: Option<usize>) -> Vec<usize> {
-        match direction {
-            Direction::Request => (0..self.stages.len()).collect(),
-            Direction::Response => {
-                // Through stage `through` (inclusive), or all; an empty chain visits nothing.
-                let end = through.map_or(self.stages.len(), |t| (t + 1).min(self.stages.len()));
-                (0..end).rev().collect()
-            }
-        }
+        self.visits(direction, through).collect()
+    }
+
+    /// [`Chain::order`] without allocating.
+    fn visits(
+        &self,
+        direction: Direction,
+        through: Option<usize>,
+    ) -> impl Iterator<Item = usize> + use<> {
+        let count = self.stages.len();
+        // An empty chain visits nothing.
+        let end = match direction {
+            Direction::Request => count,
+            Direction::Response => through.map_or(count, |t| (t + 1).min(count)),
+        };
+        let reverse = direction == Direction::Response;
+        (0..end).map(move |i| if reverse { end - 1 - i } else { i })
     }
 
     /// Runs one callback, then applies what the plugin asked for meanwhile.
@@ -506,13 +523,15 @@ impl Chain {
             }
         };
         let mut effects = plugin.effects.lock();
-        if let Some(response) = effects.local_replies.remove(&context) {
+        if !effects.local_replies.is_empty()
+            && let Some(response) = effects.local_replies.remove(&context)
+        {
             return Err(Halt::Reply {
                 response,
                 from: index,
             });
         }
-        if action.is_continue() {
+        if action.is_continue() && !effects.continued.is_empty() {
             // A continue given while the stream was not paused means nothing later.
             effects.continued.remove(&(context, direction.stream()));
         }
@@ -583,16 +602,33 @@ impl Chain {
         end_of_stream: bool,
         through: Option<usize>,
     ) -> Flow<()> {
-        for index in self.order(direction, through) {
-            let slot = |s: &mut wasmgate_runtime::StreamData| {
-                match direction {
-                    Direction::Request => &mut s.request_headers,
-                    Direction::Response => &mut s.response_headers,
-                }
-                .replace(headers.clone())
-            };
-            if self.vm_stream(index, slot).is_none() {
+        fn slot(
+            stream: &mut wasmgate_runtime::StreamData,
+            direction: Direction,
+        ) -> &mut Option<HeaderMap> {
+            match direction {
+                Direction::Request => &mut stream.request_headers,
+                Direction::Response => &mut stream.response_headers,
+            }
+        }
+        for index in self.visits(direction, through) {
+            let stage = &self.stages[index];
+            let Some(context) = stage.context else {
                 continue;
+            };
+            {
+                let mut vm = stage.plugin.vm.borrow_mut();
+                let Some(stream) = vm.stream_mut(context) else {
+                    continue;
+                };
+                // The stream keeps the map for later callbacks (`on_log` reads it, say), and the
+                // gateway needs it after the callback: one copy. The map moves in and is copied
+                // out, except under FAIL_OPEN, where a plugin that fails in this callback is
+                // skipped and the map must go on as it was before the callback.
+                *slot(stream, direction) = Some(match stage.plugin.spec.failure_policy {
+                    FailurePolicy::FailOpen => headers.clone(),
+                    _ => std::mem::take(headers),
+                });
             }
             let action = self.call(index, direction, |vm, ctx| match direction {
                 Direction::Request => vm.on_request_headers(ctx, end_of_stream),
@@ -601,11 +637,7 @@ impl Chain {
             if !action.is_continue() {
                 self.wait(index, direction).await?;
             }
-            let current = self.vm_stream(index, |s| match direction {
-                Direction::Request => s.request_headers.clone(),
-                Direction::Response => s.response_headers.clone(),
-            });
-            if let Some(Some(current)) = current {
+            if let Some(Some(current)) = self.vm_stream(index, |s| slot(s, direction).clone()) {
                 *headers = current;
             }
         }

@@ -150,7 +150,7 @@ async fn proxy(
     }
     let mut chain = match Chain::new(
         &active.plugins,
-        &info,
+        info,
         listener.spec.limits.per_stream_buffer_limit,
     ) {
         Ok(chain) => chain,
@@ -330,12 +330,13 @@ impl Upstream {
         if self.task.is_some() || self.error.is_some() {
             return;
         }
-        let mut map = headers.clone();
+        // Copied only when the length fields change.
+        let mut map = std::borrow::Cow::Borrowed(headers);
         match known_length {
             // The whole body is known: its real length, whatever the plugins did to it.
             Some(0) if no_body => {}
-            Some(length) => map.replace("content-length", length.to_string()),
-            None if !keep_length => map.remove("content-length"),
+            Some(length) => map.to_mut().replace("content-length", length.to_string()),
+            None if !keep_length => map.to_mut().remove("content-length"),
             None => {}
         }
         let body = if no_body || known_length == Some(0) {

@@ -7,6 +7,11 @@
 //!
 //! `unsafe` is allowed in this crate only where wasmtime requires it, each use with its reason.
 
+/// The `tracing` target of plugin logs and of the host/VM trace. Not a prefix of any crate's name:
+/// `tracing` filters match targets by prefix, so a filter that lets every plugin line through
+/// (`wasm::plugin=trace`) must not also turn on the gateway's own debug and trace events.
+pub const LOG_TARGET: &str = "wasm::plugin";
+
 mod engine;
 mod error;
 mod imports;

@@ -57,6 +57,20 @@ pub(crate) fn with_bytes<R>(
     Ok(f(&data[range], state))
 }
 
+/// Runs `f` on two guest byte ranges (a key and a value, say) and the VM state, without copying.
+pub(crate) fn with_two<R>(
+    caller: &mut Caller<'_, VmState>,
+    (p1, n1): (u32, u32),
+    (p2, n2): (u32, u32),
+    f: impl FnOnce(&[u8], &[u8], &mut VmState) -> R,
+) -> Result<R, Status> {
+    let memory = memory(caller)?;
+    let (data, state) = memory.data_and_store_mut(caller);
+    let first = range(p1, n1, data.len())?;
+    let second = range(p2, n2, data.len())?;
+    Ok(f(&data[first], &data[second], state))
+}
+
 pub(crate) fn read(
     caller: &mut Caller<'_, VmState>,
     ptr: u32,
@@ -136,7 +150,7 @@ pub(crate) fn return_bytes(
     let address = allocator.call(&mut *caller, len).map_err(HostError::Trap)?;
     if address == 0 {
         tracing::warn!(
-            target: "wasm",
+            target: crate::LOG_TARGET,
             plugin = caller.data().plugin_name(),
             size = len,
             "the guest allocator returned 0"
@@ -145,7 +159,7 @@ pub(crate) fn return_bytes(
     }
     if write(caller, address, data).is_err() {
         tracing::warn!(
-            target: "wasm",
+            target: crate::LOG_TARGET,
             plugin = caller.data().plugin_name(),
             address,
             size = len,

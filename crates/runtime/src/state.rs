@@ -2,6 +2,7 @@
 //! the handles host functions need (memory, allocator, the embedder's [`Host`]).
 
 use std::collections::HashMap;
+use std::hash::{BuildHasherDefault, Hasher};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::Duration;
@@ -118,7 +119,7 @@ pub struct VmState {
     pub(crate) memory: Option<Memory>,
     pub(crate) allocator: Option<TypedFunc<u32, u32>>,
 
-    pub(crate) contexts: HashMap<u32, Context>,
+    pub(crate) contexts: FastMap<u32, Context>,
     pub(crate) next_context_id: u32,
     /// The context of the running callback, and the one host calls act on (`proxy_set_effective_context`).
     pub(crate) current: u32,
@@ -126,12 +127,12 @@ pub struct VmState {
     pub(crate) phase: Phase,
 
     pub(crate) next_token: u32,
-    pub(crate) callouts: HashMap<u32, (CalloutKind, u32)>,
+    pub(crate) callouts: FastMap<u32, (CalloutKind, u32)>,
     pub(crate) callout: Callout,
     pub(crate) grpc_message: Option<Vec<u8>>,
     pub(crate) call_status: (u32, Vec<u8>),
     pub(crate) foreign_arguments: Option<Vec<u8>>,
-    pub(crate) tick_periods: HashMap<u32, Duration>,
+    pub(crate) tick_periods: FastMap<u32, Duration>,
     /// Contexts whose `proxy_done` arrived; finished once the running callback returns.
     pub(crate) done: Vec<u32>,
     /// Set by WASI `proc_exit`, which ends the VM.
@@ -166,5 +167,69 @@ impl VmState {
                 return self.next_token;
             }
         }
+    }
+}
+
+/// A map for keys the host chooses (context ids, tokens, callback names), looked up several times
+/// per callback: a multiply-rotate hash instead of SipHash. The guest may look up any key but never
+/// chooses what is inserted, so there is no collision flooding to defend against.
+pub(crate) type FastMap<K, V> = HashMap<K, V, BuildHasherDefault<FastHasher>>;
+
+#[derive(Default, Clone, Copy)]
+pub(crate) struct FastHasher(u64);
+
+impl FastHasher {
+    fn add(&mut self, word: u64) {
+        self.0 = (self.0.rotate_left(5) ^ word).wrapping_mul(0x517c_c1b7_2722_0a95);
+    }
+}
+
+impl Hasher for FastHasher {
+    fn write(&mut self, bytes: &[u8]) {
+        for chunk in bytes.chunks(8) {
+            let mut word = [0u8; 8];
+            word[..chunk.len()].copy_from_slice(chunk);
+            self.add(u64::from_le_bytes(word));
+        }
+    }
+
+    fn write_u8(&mut self, n: u8) {
+        self.add(n.into());
+    }
+
+    fn write_u32(&mut self, n: u32) {
+        self.add(n.into());
+    }
+
+    fn write_u64(&mut self, n: u64) {
+        self.add(n);
+    }
+
+    fn write_usize(&mut self, n: usize) {
+        self.add(n as u64);
+    }
+
+    fn finish(&self) -> u64 {
+        self.0
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::FastMap;
+
+    #[test]
+    fn fast_maps_find_what_they_hold() {
+        let mut ids: FastMap<u32, u32> = FastMap::default();
+        for id in 0..1000 {
+            ids.insert(id, id * 2);
+        }
+        assert!((0..1000).all(|id| ids.get(&id) == Some(&(id * 2))));
+        assert_eq!(ids.get(&1000), None);
+        let mut names: FastMap<&str, u32> = FastMap::default();
+        names.insert("proxy_on_request_headers", 1);
+        names.insert("proxy_on_response_headers", 2);
+        assert_eq!(names.get("proxy_on_response_headers"), Some(&2));
+        assert_eq!(names.get("proxy_on_request_header"), None);
     }
 }

@@ -1,19 +1,22 @@
 //! A VM: one instance of a module in its own `Store`, with its root contexts (plugins) and stream
 //! contexts, driven through the callbacks in the order Envoy uses.
 
+use std::any::Any;
 use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
 
-use wasmgate_abi::{AbiVersion, Action, HeaderMap, Host, PeerType};
-use wasmtime::{Func, Instance, Store, Val, WasmBacktrace, WasmParams, WasmResults};
+use wasmgate_abi::{AbiVersion, Action, HeaderMap, Host, LogLevel, PeerType};
+use wasmtime::{Func, Instance, Store, TypedFunc, Val, WasmBacktrace, WasmParams, WasmResults};
 
 use crate::engine::Runtime;
 use crate::error::VmError;
 use crate::imports::wasi::ProcExit;
 use crate::module::{CALLBACKS, CompiledModule};
 use crate::shared::Inbox;
-use crate::state::{Callout, CalloutKind, Context, Phase, PluginConfig, StreamData, VmState};
+use crate::state::{
+    Callout, CalloutKind, Context, FastMap, Phase, PluginConfig, StreamData, VmState,
+};
 
 /// What a VM is started with, shared by the plugins it runs.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -39,11 +42,17 @@ pub enum CallOutcome {
     Failure { message: String },
 }
 
+/// An exported callback, and its typed handle once it has been called (a `TypedFunc<P, R>`).
+struct Callback {
+    func: Func,
+    typed: Option<Box<dyn Any + Send + Sync>>,
+}
+
 pub struct Vm {
     store: Store<VmState>,
     instance: Instance,
     module: Arc<CompiledModule>,
-    callbacks: HashMap<&'static str, Func>,
+    callbacks: FastMap<&'static str, Callback>,
     main: Option<Func>,
     roots: HashMap<String, u32>,
     failed: Option<String>,
@@ -71,18 +80,18 @@ impl Vm {
             inbox: Arc::new(Inbox::default()),
             memory: None,
             allocator: None,
-            contexts: HashMap::new(),
+            contexts: FastMap::default(),
             next_context_id: 0,
             current: 0,
             effective: 0,
             phase: Phase::Idle,
             next_token: 0,
-            callouts: HashMap::new(),
+            callouts: FastMap::default(),
             callout: Callout::default(),
             grpc_message: None,
             call_status: (0, Vec::new()),
             foreign_arguments: None,
-            tick_periods: HashMap::new(),
+            tick_periods: FastMap::default(),
             done: Vec::new(),
             exit_code: None,
         };
@@ -102,7 +111,10 @@ impl Vm {
         let callbacks = CALLBACKS
             .iter()
             .filter(|(name, ..)| module.info.callbacks.iter().any(|c| c == name))
-            .filter_map(|(name, ..)| Some((*name, instance.get_func(&mut store, name)?)))
+            .filter_map(|(name, ..)| {
+                let func = instance.get_func(&mut store, name)?;
+                Some((*name, Callback { func, typed: None }))
+            })
             .collect();
         let main = instance
             .get_typed_func::<(u32, u32), u32>(&mut store, "main")
@@ -823,7 +835,7 @@ impl Vm {
         }
     }
 
-    fn action<P: WasmParams>(
+    fn action<P: WasmParams + 'static>(
         &mut self,
         name: &'static str,
         context: u32,
@@ -834,7 +846,7 @@ impl Vm {
     }
 
     /// Calls an exported callback with `context` current. `Ok(None)` when the module does not export it.
-    fn invoke<P: WasmParams, R: WasmResults>(
+    fn invoke<P: WasmParams + 'static, R: WasmResults + 'static>(
         &mut self,
         name: &'static str,
         context: u32,
@@ -847,21 +859,29 @@ impl Vm {
                 reason: reason.clone(),
             });
         }
-        let Some(func) = self.callbacks.get(name).copied() else {
+        let Some(callback) = self.callbacks.get_mut(name) else {
             return Ok(None);
         };
-        // The fields are computed only when the span is enabled: nothing is paid when it is off.
-        let _span = tracing::trace_span!(
-            target: "wasm",
-            "callback",
-            plugin = %self.plugin_name(context),
-            context_id = context,
-            callback = name
-        )
-        .entered();
-        let typed = func
-            .typed::<P, R>(&self.store)
-            .map_err(|e| self.trap(name, context, e))?;
+        // The signature check runs once per callback and VM; later calls reuse the typed handle.
+        let cached = callback
+            .typed
+            .as_ref()
+            .and_then(|typed| typed.downcast_ref::<TypedFunc<P, R>>())
+            .cloned();
+        let typed = match cached {
+            Some(typed) => typed,
+            None => {
+                let func = callback.func;
+                let typed = func
+                    .typed::<P, R>(&self.store)
+                    .map_err(|e| self.trap(name, context, e))?;
+                if let Some(callback) = self.callbacks.get_mut(name) {
+                    callback.typed = Some(Box::new(typed.clone()));
+                }
+                typed
+            }
+        };
+        let _span = self.callback_span(name, context).entered();
         let state = self.store.data_mut();
         state.current = context;
         state.effective = context;
@@ -875,6 +895,27 @@ impl Vm {
             }
             Err(error) => Err(self.trap(name, context, error)),
         }
+    }
+
+    /// The span a callback runs in: a trace-level item of the `wasm` logger, so it exists when the
+    /// plugins' level (`/logging?wasm=trace`) is trace and `tracing` lets it through. Otherwise it is
+    /// `Span::none()`, and nothing is formatted or allocated: with a fmt subscriber an enabled span
+    /// costs several thousand instructions, paid on each of the half-dozen callbacks of a request.
+    fn callback_span(&self, callback: &'static str, context: u32) -> tracing::Span {
+        let state = self.store.data();
+        if state.log_level.get() != LogLevel::Trace {
+            return tracing::Span::none();
+        }
+        let plugin = state
+            .context(context)
+            .map_or(state.vm_id.as_str(), |c| c.plugin.name.as_str());
+        tracing::trace_span!(
+            target: crate::LOG_TARGET,
+            "callback",
+            plugin = %plugin,
+            context_id = context,
+            callback
+        )
     }
 
     /// Finishes root contexts whose `proxy_done` arrived during the last callback.
@@ -898,7 +939,7 @@ impl Vm {
             None => error.root_cause().to_string(),
         };
         tracing::error!(
-            target: "wasm",
+            target: crate::LOG_TARGET,
             plugin,
             context_id = context,
             callback,

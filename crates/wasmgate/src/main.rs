@@ -81,8 +81,9 @@ type FilterHandle = reload::Handle<EnvFilter, tracing_subscriber::Registry>;
 
 fn init_logging(filter: &str) -> FilterHandle {
     // Plugin lines pass through here unfiltered: the runtime's own level decides which it emits.
-    let filter = EnvFilter::try_new(format!("{filter},wasm=trace"))
-        .unwrap_or_else(|_| EnvFilter::new("info,wasm=trace"));
+    let plugins = wasmgate_runtime::LOG_TARGET;
+    let filter = EnvFilter::try_new(format!("{filter},{plugins}=trace"))
+        .unwrap_or_else(|_| EnvFilter::new(format!("info,{plugins}=trace")));
     let (layer, handle) = reload::Layer::new(filter);
     tracing_subscriber::registry()
         .with(layer)
@@ -157,7 +158,8 @@ fn run(
     let prepared = gateway::prepare(&config, &control, &[])?;
     let set_filter: wasmgate_dataplane::LogFilterSetter = Arc::new(move |level: &str| {
         let replacement =
-            EnvFilter::try_new(format!("{level},wasm=trace")).map_err(|e| e.to_string())?;
+            EnvFilter::try_new(format!("{level},{}=trace", wasmgate_runtime::LOG_TARGET))
+                .map_err(|e| e.to_string())?;
         filter.reload(replacement).map_err(|e| e.to_string())
     });
     gateway::serve(control, config, config_path, prepared, Some(set_filter))?;

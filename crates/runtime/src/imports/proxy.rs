@@ -11,8 +11,8 @@ use wasmgate_abi::{
 use wasmtime::{Caller, Linker};
 
 use crate::memory::{
-    HostError, HostResult, check, read, read_string, return_bytes, status, with_bytes, write_u32,
-    write_u64,
+    HostError, HostResult, check, read, read_string, return_bytes, status, with_bytes, with_two,
+    write_u32, write_u64,
 };
 use crate::properties;
 use crate::state::{CalloutKind, Phase, VmState};
@@ -190,10 +190,11 @@ pub(crate) fn add_to_linker(
         "proxy_get_header_map_value",
         |c, t: u32, kp: u32, kn: u32, p: u32, n: u32| {
             let map = map_type(t)?;
-            let key = read(c, kp, kn)?;
-            let value = map_ref(c.data(), map)
-                .and_then(|m| m.get(&key))
-                .map(<[u8]>::to_vec);
+            let value = with_bytes(c, kp, kn, |key, state| {
+                map_ref(state, map)
+                    .and_then(|m| m.get(key))
+                    .map(<[u8]>::to_vec)
+            })?;
             match value {
                 Some(value) => return_bytes(c, &value, p, n),
                 None => Err(Status::NotFound.into()),
@@ -204,8 +205,9 @@ pub(crate) fn add_to_linker(
         "proxy_add_header_map_value",
         |c, t: u32, kp: u32, kn: u32, vp: u32, vn: u32| {
             let map = map_type(t)?;
-            let (key, value) = (read(c, kp, kn)?, read(c, vp, vn)?);
-            map_mut(c.data_mut(), map)?.add(key, value);
+            with_two(c, (kp, kn), (vp, vn), |key, value, state| {
+                map_mut(state, map).map(|m| m.add(key, value))
+            })??;
             Ok(())
         }
     );
@@ -213,8 +215,9 @@ pub(crate) fn add_to_linker(
         "proxy_replace_header_map_value",
         |c, t: u32, kp: u32, kn: u32, vp: u32, vn: u32| {
             let map = map_type(t)?;
-            let (key, value) = (read(c, kp, kn)?, read(c, vp, vn)?);
-            map_mut(c.data_mut(), map)?.replace(key, value);
+            with_two(c, (kp, kn), (vp, vn), |key, value, state| {
+                map_mut(state, map).map(|m| m.replace(key, value))
+            })??;
             Ok(())
         }
     );
@@ -222,8 +225,9 @@ pub(crate) fn add_to_linker(
         "proxy_remove_header_map_value",
         |c, t: u32, kp: u32, kn: u32| {
             let map = map_type(t)?;
-            let key = read(c, kp, kn)?;
-            map_mut(c.data_mut(), map)?.remove(key);
+            with_bytes(c, kp, kn, |key, state| {
+                map_mut(state, map).map(|m| m.remove(key))
+            })??;
             Ok(())
         }
     );
@@ -520,7 +524,7 @@ fn legacy(
         linker.func_wrap("env", name, move |mut c: C<'_>| {
             let result = f(&mut c);
             if result != Status::Ok {
-                tracing::debug!(target: "wasm", plugin = c.data().plugin_name(), "{name} answered {result}");
+                tracing::debug!(target: crate::LOG_TARGET, plugin = c.data().plugin_name(), "{name} answered {result}");
             }
         })?;
     } else {
@@ -556,7 +560,7 @@ fn now_nanos() -> u64 {
 }
 
 fn bad_pairs(c: &C<'_>, function: &str, error: wasmgate_abi::pairs::PairsError) -> HostError {
-    tracing::debug!(target: "wasm", plugin = c.data().plugin_name(), "{function}: {error}");
+    tracing::debug!(target: crate::LOG_TARGET, plugin = c.data().plugin_name(), "{function}: {error}");
     Status::BadArgument.into()
 }
 
@@ -564,12 +568,20 @@ fn bad_pairs(c: &C<'_>, function: &str, error: wasmgate_abi::pairs::PairsError) 
 
 pub(crate) fn emit(level: LogLevel, plugin: &str, context_id: u32, message: &str) {
     match level {
-        LogLevel::Trace => tracing::trace!(target: "wasm", plugin, context_id, "{message}"),
-        LogLevel::Debug => tracing::debug!(target: "wasm", plugin, context_id, "{message}"),
-        LogLevel::Info => tracing::info!(target: "wasm", plugin, context_id, "{message}"),
-        LogLevel::Warn => tracing::warn!(target: "wasm", plugin, context_id, "{message}"),
+        LogLevel::Trace => {
+            tracing::trace!(target: crate::LOG_TARGET, plugin, context_id, "{message}")
+        }
+        LogLevel::Debug => {
+            tracing::debug!(target: crate::LOG_TARGET, plugin, context_id, "{message}")
+        }
+        LogLevel::Info => {
+            tracing::info!(target: crate::LOG_TARGET, plugin, context_id, "{message}")
+        }
+        LogLevel::Warn => {
+            tracing::warn!(target: crate::LOG_TARGET, plugin, context_id, "{message}")
+        }
         LogLevel::Error | LogLevel::Critical => {
-            tracing::error!(target: "wasm", plugin, context_id, critical = level == LogLevel::Critical, "{message}")
+            tracing::error!(target: crate::LOG_TARGET, plugin, context_id, critical = level == LogLevel::Critical, "{message}")
         }
     }
 }
@@ -805,7 +817,7 @@ fn http_call(
     for required in [":method", ":path", ":authority"] {
         if headers.get(required).is_none_or(<[u8]>::is_empty) {
             let plugin = c.data().plugin_name().to_owned();
-            tracing::debug!(target: "wasm", plugin, "proxy_http_call to {upstream}: missing {required}");
+            tracing::debug!(target: crate::LOG_TARGET, plugin, "proxy_http_call to {upstream}: missing {required}");
             return Err(Status::BadArgument.into());
         }
     }
