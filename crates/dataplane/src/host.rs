@@ -15,7 +15,9 @@ use wasmgate_abi::{
 pub(crate) struct Effects {
     pub continued: HashSet<(u32, StreamType)>,
     pub local_replies: HashMap<u32, LocalResponse>,
-    pub closed: HashSet<u32>,
+    /// `proxy_close_stream` calls: the context and the stream (TCP plugins close `Downstream` or
+    /// `Upstream`).
+    pub closed: HashSet<(u32, StreamType)>,
     pub http_calls: Vec<(u32, HttpCallRequest)>,
     pub grpc_calls: Vec<(u32, GrpcCallRequest)>,
     pub grpc_streams: Vec<(u32, GrpcStreamRequest)>,
@@ -126,18 +128,14 @@ impl Host for GatewayHost {
     }
 
     fn continue_stream(&mut self, context_id: u32, stream: StreamType) -> Status {
-        match stream {
-            StreamType::HttpRequest | StreamType::HttpResponse => {
-                self.effects.lock().continued.insert((context_id, stream));
-                Status::Ok
-            }
-            // TCP streams arrive with the network-plugins work.
-            StreamType::Downstream | StreamType::Upstream => Status::BadArgument,
-        }
+        // Every stream type, UPSTREAM included: Envoy answers UNIMPLEMENTED to that one, which
+        // makes the Rust SDK's `resume_upstream` trap.
+        self.effects.lock().continued.insert((context_id, stream));
+        Status::Ok
     }
 
-    fn close_stream(&mut self, context_id: u32, _stream: StreamType) -> Status {
-        self.effects.lock().closed.insert(context_id);
+    fn close_stream(&mut self, context_id: u32, stream: StreamType) -> Status {
+        self.effects.lock().closed.insert((context_id, stream));
         Status::Ok
     }
 

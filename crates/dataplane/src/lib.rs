@@ -13,6 +13,7 @@ mod proxy;
 mod server;
 mod spec;
 mod stats;
+mod tcp;
 mod tls;
 mod upstream;
 
@@ -21,6 +22,6 @@ pub use body::GatewayBody;
 pub use server::{GatewayHandle, StartError, start};
 pub use spec::{
     ClusterSpec, FailurePolicy, FilterSpec, GatewaySpec, Limits, ListenerSpec, PathMatch,
-    RouteAction, RouteSpec, TlsFiles, UpstreamTls,
+    RouteAction, RouteSpec, SniRoute, TcpProxySpec, TlsFiles, UpstreamTls,
 };
 pub use stats::GatewayStats;

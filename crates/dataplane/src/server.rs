@@ -27,6 +27,9 @@ use crate::idle::{Activity, IdleIo};
 use crate::proxy::{ActiveChain, ConnInfo, ListenerState, handle};
 use crate::spec::{FilterSpec, GatewaySpec};
 use crate::stats::GatewayStats;
+use crate::tcp::{
+    self, ConnectionTracker, NetworkChain, NetworkPlugin, TcpClusters, TcpListenerState,
+};
 use crate::tls::{self, ClusterTls};
 use crate::upstream::Upstreams;
 
@@ -80,6 +83,13 @@ enum WorkerCommand {
         missing_plugins: Vec<String>,
         done: std::sync::mpsc::Sender<Result<(), StartError>>,
     },
+    /// The same for a TCP proxy listener's network plugins.
+    UpdateNetworkChain {
+        listener: usize,
+        filters: Vec<FilterSpec>,
+        missing_plugins: Vec<String>,
+        done: std::sync::mpsc::Sender<Result<(), StartError>>,
+    },
 }
 
 /// A running gateway. Dropping it without [`GatewayHandle::shutdown`] leaves the workers running.
@@ -116,6 +126,37 @@ impl GatewayHandle {
         filters: Vec<FilterSpec>,
         missing_plugins: Vec<String>,
     ) -> Result<(), StartError> {
+        self.on_every_worker(listener, |index, done| WorkerCommand::UpdateChain {
+            listener: index,
+            filters: filters.clone(),
+            missing_plugins: missing_plugins.clone(),
+            done,
+        })
+    }
+
+    /// Swaps a TCP proxy listener's network plugins on every worker, as [`Self::update_chain`]
+    /// does for HTTP filters: new connections take the new chain, open ones keep theirs, and
+    /// plugins that did not change keep their VMs.
+    pub fn update_network_chain(
+        &self,
+        listener: &str,
+        filters: Vec<FilterSpec>,
+        missing_plugins: Vec<String>,
+    ) -> Result<(), StartError> {
+        self.on_every_worker(listener, |index, done| WorkerCommand::UpdateNetworkChain {
+            listener: index,
+            filters: filters.clone(),
+            missing_plugins: missing_plugins.clone(),
+            done,
+        })
+    }
+
+    /// Sends a listener's command to every worker and waits for their answers.
+    fn on_every_worker(
+        &self,
+        listener: &str,
+        command: impl Fn(usize, std::sync::mpsc::Sender<Result<(), StartError>>) -> WorkerCommand,
+    ) -> Result<(), StartError> {
         let index = self
             .listeners
             .iter()
@@ -124,13 +165,7 @@ impl GatewayHandle {
         let (done, results) = std::sync::mpsc::channel();
         let mut asked = 0;
         for commands in &self.commands {
-            let command = WorkerCommand::UpdateChain {
-                listener: index,
-                filters: filters.clone(),
-                missing_plugins: missing_plugins.clone(),
-                done: done.clone(),
-            };
-            if commands.send(command).is_ok() {
+            if commands.send(command(index, done.clone())).is_ok() {
                 asked += 1;
             }
         }
@@ -303,24 +338,56 @@ fn run_worker(
             stats: stats.clone(),
             shutdown: shutdown.clone(),
         });
+        let tcp_clusters = Rc::new(TcpClusters::new(&spec.clusters));
+        let tracker = Rc::new(ConnectionTracker::default());
         let mut states = Vec::new();
+        let mut listener_states = Vec::new();
         for ((listener, socket), acceptor) in spec.listeners.iter().zip(sockets).zip(tls.acceptors)
         {
-            let plugins = match worker.start_plugins(&listener.filters, &[]) {
-                Ok(plugins) => plugins,
-                Err((plugin, error)) => {
-                    let _ = ready.send(Err(StartError::Plugin {
-                        listener: listener.name.clone(),
-                        plugin,
-                        error: Box::new(error),
-                    }));
-                    return;
-                }
-            };
             let socket = match tokio::net::TcpListener::from_std(socket) {
                 Ok(socket) => socket,
                 Err(error) => {
                     let _ = ready.send(Err(StartError::Worker(error.to_string())));
+                    return;
+                }
+            };
+            let plugin_error = |(plugin, error): (String, VmError)| StartError::Plugin {
+                listener: listener.name.clone(),
+                plugin,
+                error: Box::new(error),
+            };
+            if let Some(proxy) = &listener.tcp_proxy {
+                let plugins = match worker.start_network_plugins(&listener.network_filters, &[]) {
+                    Ok(plugins) => plugins,
+                    Err(error) => {
+                        let _ = ready.send(Err(plugin_error(error)));
+                        return;
+                    }
+                };
+                let state = Rc::new(TcpListenerState {
+                    spec: listener.clone(),
+                    proxy: proxy.clone(),
+                    chain: RefCell::new(Rc::new(NetworkChain {
+                        plugins,
+                        missing_plugins: listener.missing_plugins.clone(),
+                    })),
+                    clusters: tcp_clusters.clone(),
+                    stats: stats.clone(),
+                });
+                listener_states.push(Listener::Tcp(state.clone()));
+                states.push(Serving::Tcp(state, socket));
+                continue;
+            }
+            if !listener.network_filters.is_empty() {
+                tracing::warn!(
+                    listener = %listener.name,
+                    "network filters on HTTP listeners are not supported yet; they are ignored"
+                );
+            }
+            let plugins = match worker.start_plugins(&listener.filters, &[]) {
+                Ok(plugins) => plugins,
+                Err(error) => {
+                    let _ = ready.send(Err(plugin_error(error)));
                     return;
                 }
             };
@@ -333,26 +400,41 @@ fn run_worker(
                 upstreams: upstreams.clone(),
                 stats: stats.clone(),
             });
-            states.push((state, socket, acceptor));
+            listener_states.push(Listener::Http(state.clone()));
+            states.push(Serving::Http(state, socket, acceptor));
         }
         let _ = ready.send(Ok(()));
         let graceful = Rc::new(GracefulShutdown::new());
         let mut loops = Vec::new();
-        let listener_states: Vec<Rc<ListenerState>> =
-            states.iter().map(|(state, _, _)| state.clone()).collect();
         tokio::task::spawn_local(apply_commands(worker.clone(), listener_states, commands));
-        for (state, socket, acceptor) in states {
-            for plugin in &state.chain.borrow().plugins {
-                worker.spawn_timers(plugin);
+        for serving in states {
+            match serving {
+                Serving::Http(state, socket, acceptor) => {
+                    for plugin in &state.chain.borrow().plugins {
+                        worker.spawn_timers(plugin);
+                    }
+                    loops.push(tokio::task::spawn_local(accept_loop(
+                        state,
+                        socket,
+                        acceptor,
+                        Rc::downgrade(&graceful),
+                        shutdown.clone(),
+                        connection_ids.clone(),
+                    )));
+                }
+                Serving::Tcp(state, socket) => {
+                    for plugin in &state.chain.borrow().plugins {
+                        worker.spawn_timers(plugin);
+                    }
+                    loops.push(tokio::task::spawn_local(tcp::accept_loop(
+                        state,
+                        socket,
+                        shutdown.clone(),
+                        connection_ids.clone(),
+                        tracker.clone(),
+                    )));
+                }
             }
-            loops.push(tokio::task::spawn_local(accept_loop(
-                state,
-                socket,
-                acceptor,
-                Rc::downgrade(&graceful),
-                shutdown.clone(),
-                connection_ids.clone(),
-            )));
         }
         for accept in loops {
             let _ = accept.await;
@@ -366,6 +448,8 @@ fn run_worker(
                 "requests still in flight after {DRAIN_TIMEOUT:?}; closing their connections"
             );
         }
+        // TCP proxy connections close on shutdown; let their close callbacks run.
+        let _ = tokio::time::timeout(DRAIN_TIMEOUT, tracker.drained()).await;
     });
 }
 
@@ -518,6 +602,22 @@ async fn serve<I>(
     }
 }
 
+/// A listener being started on a worker.
+enum Serving {
+    Http(
+        Rc<ListenerState>,
+        tokio::net::TcpListener,
+        Option<TlsAcceptor>,
+    ),
+    Tcp(Rc<TcpListenerState>, tokio::net::TcpListener),
+}
+
+/// A worker's listener, as chain updates find it.
+enum Listener {
+    Http(Rc<ListenerState>),
+    Tcp(Rc<TcpListenerState>),
+}
+
 /// What a worker needs to start plugins after start-up.
 struct WorkerContext {
     runtime: Arc<Runtime>,
@@ -553,7 +653,31 @@ impl WorkerContext {
             .collect()
     }
 
-    fn spawn_timers(&self, plugin: &Rc<Plugin>) {
+    /// A network plugin per filter, reusing those of `current` that did not change.
+    fn start_network_plugins(
+        &self,
+        filters: &[FilterSpec],
+        current: &[Rc<NetworkPlugin>],
+    ) -> Result<Vec<Rc<NetworkPlugin>>, (String, VmError)> {
+        filters
+            .iter()
+            .map(|filter| {
+                if let Some(kept) = current.iter().find(|p| p.spec.same_plugin(filter)) {
+                    return Ok(kept.clone());
+                }
+                NetworkPlugin::start(
+                    filter.clone(),
+                    self.runtime.clone(),
+                    self.clusters.clone(),
+                    self.upstreams.clone(),
+                    self.stats.clone(),
+                )
+                .map_err(|error| (filter.name.clone(), error))
+            })
+            .collect()
+    }
+
+    fn spawn_timers<P: Timed>(&self, plugin: &Rc<P>) {
         tokio::task::spawn_local(plugin_timers(Rc::downgrade(plugin), self.shutdown.clone()));
     }
 }
@@ -561,7 +685,7 @@ impl WorkerContext {
 /// Applies the control side's chain updates on this worker.
 async fn apply_commands(
     worker: Rc<WorkerContext>,
-    listeners: Vec<Rc<ListenerState>>,
+    listeners: Vec<Listener>,
     mut commands: tokio::sync::mpsc::UnboundedReceiver<WorkerCommand>,
 ) {
     while let Some(command) = commands.recv().await {
@@ -572,7 +696,7 @@ async fn apply_commands(
                 missing_plugins,
                 done,
             } => {
-                let Some(state) = listeners.get(listener) else {
+                let Some(Listener::Http(state)) = listeners.get(listener) else {
                     let _ = done.send(Err(StartError::UnknownListener(listener.to_string())));
                     continue;
                 };
@@ -598,13 +722,83 @@ async fn apply_commands(
                 };
                 let _ = done.send(outcome);
             }
+            WorkerCommand::UpdateNetworkChain {
+                listener,
+                filters,
+                missing_plugins,
+                done,
+            } => {
+                let Some(Listener::Tcp(state)) = listeners.get(listener) else {
+                    let _ = done.send(Err(StartError::UnknownListener(listener.to_string())));
+                    continue;
+                };
+                let current = state.chain.borrow().clone();
+                let outcome = match worker.start_network_plugins(&filters, &current.plugins) {
+                    Ok(plugins) => {
+                        for plugin in &plugins {
+                            if !current.plugins.iter().any(|p| Rc::ptr_eq(p, plugin)) {
+                                worker.spawn_timers(plugin);
+                            }
+                        }
+                        *state.chain.borrow_mut() = Rc::new(NetworkChain {
+                            plugins,
+                            missing_plugins,
+                        });
+                        Ok(())
+                    }
+                    Err((plugin, error)) => Err(StartError::Plugin {
+                        listener: state.spec.name.clone(),
+                        plugin,
+                        error: Box::new(error),
+                    }),
+                };
+                let _ = done.send(outcome);
+            }
         }
+    }
+}
+
+/// A plugin with timers and queues, HTTP or network.
+trait Timed: 'static {
+    fn tick_period(&self) -> Option<Duration>;
+    fn set_queue_waker(&self, waker: Arc<dyn Fn() + Send + Sync>);
+    fn tick(self: &Rc<Self>);
+    fn deliver_queue_ready(self: &Rc<Self>);
+}
+
+impl Timed for Plugin {
+    fn tick_period(&self) -> Option<Duration> {
+        Plugin::tick_period(self)
+    }
+    fn set_queue_waker(&self, waker: Arc<dyn Fn() + Send + Sync>) {
+        Plugin::set_queue_waker(self, waker)
+    }
+    fn tick(self: &Rc<Self>) {
+        Plugin::tick(self)
+    }
+    fn deliver_queue_ready(self: &Rc<Self>) {
+        Plugin::deliver_queue_ready(self)
+    }
+}
+
+impl Timed for NetworkPlugin {
+    fn tick_period(&self) -> Option<Duration> {
+        NetworkPlugin::tick_period(self)
+    }
+    fn set_queue_waker(&self, waker: Arc<dyn Fn() + Send + Sync>) {
+        NetworkPlugin::set_queue_waker(self, waker)
+    }
+    fn tick(self: &Rc<Self>) {
+        NetworkPlugin::tick(self)
+    }
+    fn deliver_queue_ready(self: &Rc<Self>) {
+        NetworkPlugin::deliver_queue_ready(self)
     }
 }
 
 /// Ticks and queue deliveries for one plugin on this worker, for as long as the plugin is in use
 /// (a chain update that drops it ends this once its last stream is done).
-async fn plugin_timers(plugin: Weak<Plugin>, mut shutdown: watch::Receiver<bool>) {
+async fn plugin_timers<P: Timed>(plugin: Weak<P>, mut shutdown: watch::Receiver<bool>) {
     let queue_ready = Arc::new(Notify::new());
     let waker = queue_ready.clone();
     match plugin.upgrade() {

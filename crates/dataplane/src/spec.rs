@@ -31,6 +31,51 @@ pub struct ListenerSpec {
     pub limits: Limits,
     /// TLS termination; `None` serves plain HTTP (HTTP/1.1, and HTTP/2 with prior knowledge).
     pub tls: Option<TlsFiles>,
+    /// Network (TCP) plugins, in chain order: downstream data visits them in this order, upstream
+    /// data in reverse. On a `tcp_proxy` listener they run on the proxied bytes.
+    pub network_filters: Vec<FilterSpec>,
+    /// Makes the listener a TCP proxy (no HTTP): `routes`, `filters` and `tls` are not used.
+    pub tcp_proxy: Option<TcpProxySpec>,
+}
+
+/// Envoy's `tcp_proxy`: every connection goes to one cluster, or by SNI with TLS passthrough.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TcpProxySpec {
+    /// The cluster connections go to.
+    pub cluster: String,
+    /// TLS passthrough: a connection whose ClientHello SNI matches one of these server names
+    /// (exact, or `*.suffix`) goes to that cluster instead; the TLS bytes pass untouched.
+    pub sni_routes: Vec<SniRoute>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SniRoute {
+    pub server_names: Vec<String>,
+    pub cluster: String,
+}
+
+impl TcpProxySpec {
+    /// The cluster for a connection that sent `sni` (first matching route), else the default.
+    pub(crate) fn cluster_for(&self, sni: Option<&str>) -> &str {
+        let Some(sni) = sni else {
+            return &self.cluster;
+        };
+        self.sni_routes
+            .iter()
+            .find(|route| route.server_names.iter().any(|name| sni_matches(name, sni)))
+            .map_or(&self.cluster, |route| &route.cluster)
+    }
+}
+
+/// Envoy's `server_names`: exact (case-insensitive), or `*.suffix` for any name under it.
+fn sni_matches(pattern: &str, sni: &str) -> bool {
+    let (pattern, sni) = (pattern.to_ascii_lowercase(), sni.to_ascii_lowercase());
+    match pattern.strip_prefix('*') {
+        Some(suffix) if suffix.starts_with('.') => {
+            sni.len() > suffix.len() && sni.ends_with(suffix)
+        }
+        _ => pattern == sni,
+    }
 }
 
 /// A listener's certificate and key, PEM. Over TLS, ALPN offers `h2` and `http/1.1`.
@@ -194,6 +239,28 @@ mod tests {
             action: RouteAction::Cluster("c".into()),
             timeout: None,
         }
+    }
+
+    #[test]
+    fn sni_routing() {
+        let spec = TcpProxySpec {
+            cluster: "default".into(),
+            sni_routes: vec![
+                SniRoute {
+                    server_names: vec!["a.example.com".into()],
+                    cluster: "a".into(),
+                },
+                SniRoute {
+                    server_names: vec!["*.example.com".into()],
+                    cluster: "wild".into(),
+                },
+            ],
+        };
+        assert_eq!(spec.cluster_for(None), "default");
+        assert_eq!(spec.cluster_for(Some("A.Example.com")), "a");
+        assert_eq!(spec.cluster_for(Some("b.example.com")), "wild");
+        assert_eq!(spec.cluster_for(Some("example.com")), "default");
+        assert_eq!(spec.cluster_for(Some("other.org")), "default");
     }
 
     #[test]

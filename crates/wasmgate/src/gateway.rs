@@ -16,7 +16,8 @@ use wasmgate_config::{
 };
 use wasmgate_dataplane::{
     AdminState, ClusterSpec, FailurePolicy, FilterSpec, GatewayHandle, GatewaySpec, GatewayStats,
-    Limits, ListenerSpec, PathMatch, RouteAction, RouteSpec, TlsFiles, UpstreamTls,
+    Limits, ListenerSpec, PathMatch, RouteAction, RouteSpec, SniRoute, TcpProxySpec, TlsFiles,
+    UpstreamTls,
 };
 use wasmgate_fetch::{
     Cache, DockerConfig, FetchError, FetchErrorKind, FetchOptions, Fetched, Fetcher, ModuleRequest,
@@ -262,9 +263,19 @@ impl Control {
 }
 
 /// One plugin in one listener's chain, and whether its module is in hand.
+/// Which of a listener's chains a plugin is in.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ChainKind {
+    /// `http_filters` and HTTP WasmPlugins.
+    Http,
+    /// `network_filters` and `type: NETWORK` WasmPlugins, on the connection's bytes.
+    Network,
+}
+
 #[derive(Clone)]
 pub struct Slot {
     pub listener: String,
+    pub chain: ChainKind,
     pub spec: PluginSpec,
     pub state: SlotState,
     /// Set when `spec` (a newer version of the plugin) could not be loaded and the version that was
@@ -282,9 +293,16 @@ pub enum SlotState {
 }
 
 impl Slot {
-    fn new(listener: &str, spec: PluginSpec, state: SlotState, control: &Control) -> Self {
+    fn new(
+        listener: &str,
+        chain: ChainKind,
+        spec: PluginSpec,
+        state: SlotState,
+        control: &Control,
+    ) -> Self {
         Self {
             listener: listener.to_owned(),
+            chain,
             spec,
             state,
             outdated: None,
@@ -305,6 +323,10 @@ impl Slot {
             "url": match &self.spec.source {
                 CodeSource::Local(path) => format!("file://{}", path.display()),
                 CodeSource::Remote { uri, .. } => uri.clone(),
+            },
+            "chain": match self.chain {
+                ChainKind::Http => "http",
+                ChainKind::Network => "network",
             },
             "root_id": self.spec.root_id,
             "vm_id": self.spec.vm_id,
@@ -340,10 +362,17 @@ fn failure_action(policy: wasmgate_config::FailurePolicy) -> &'static str {
 
 /// The chain a listener serves with its slots as they are: loaded plugins in order, and the
 /// FAIL_CLOSE plugins that are missing.
-fn listener_chain(slots: &[Slot], listener: &str) -> (Vec<FilterSpec>, Vec<String>) {
+fn listener_chain(
+    slots: &[Slot],
+    listener: &str,
+    chain: ChainKind,
+) -> (Vec<FilterSpec>, Vec<String>) {
     let mut filters = Vec::new();
     let mut missing = Vec::new();
-    for slot in slots.iter().filter(|s| s.listener == listener) {
+    for slot in slots
+        .iter()
+        .filter(|s| s.listener == listener && s.chain == chain)
+    {
         match &slot.state {
             SlotState::Loaded { filter, .. } => filters.push(filter.clone()),
             SlotState::Failed { .. } => {
@@ -391,45 +420,26 @@ pub fn prepare(
     let mut listeners = Vec::new();
     let mut slots = Vec::new();
     for (index, listener) in config.listeners.iter().enumerate() {
-        for plugin in config.chain_for_listener(index, &wasm_plugins) {
-            // A failed one too: it keeps its place in the background retries.
-            let unchanged = previous.iter().find(|s| {
-                s.listener == listener.name
-                    && s.spec == plugin
-                    && s.outdated.is_none()
-                    && same_local_module(s)
-            });
-            if let Some(unchanged) = unchanged {
-                slots.push(unchanged.clone());
-                continue;
-            }
-            let state = load_plugin(&plugin, control)?;
-            let earlier = previous.iter().find(|s| {
-                s.listener == listener.name
-                    && s.spec.name == plugin.name
-                    && matches!(s.state, SlotState::Loaded { .. })
-            });
-            let slot = match (state, earlier) {
-                (SlotState::Failed { reason }, Some(earlier)) => {
-                    tracing::error!(
-                        plugin = %plugin.name,
-                        "cannot load the plugin's new version: {reason}; the earlier version keeps serving; retrying in the background"
-                    );
-                    Slot {
-                        outdated: Some(reason),
-                        ..Slot::new(&listener.name, plugin, earlier.state.clone(), control)
-                    }
-                }
-                (state, _) => {
-                    if let SlotState::Failed { reason } = &state {
-                        log_fetch_failure(&plugin, reason);
-                    }
-                    Slot::new(&listener.name, plugin, state, control)
-                }
-            };
-            slots.push(slot);
+        let http = config.chain_for_listener(index, &wasm_plugins);
+        let network = config.chain_for_network_listener(index, &wasm_plugins);
+        let chains = (http.into_iter().map(|p| (ChainKind::Http, p)))
+            .chain(network.into_iter().map(|p| (ChainKind::Network, p)));
+        for (chain, plugin) in chains {
+            slots.push(place_plugin(
+                plugin,
+                &listener.name,
+                chain,
+                previous,
+                control,
+            )?);
         }
-        let (filters, missing_plugins) = listener_chain(&slots, &listener.name);
+        let (filters, mut missing_plugins) =
+            listener_chain(&slots, &listener.name, ChainKind::Http);
+        // A missing FAIL_CLOSE network plugin denies the listener's traffic too (Istio's network
+        // deny-all RBAC in its place).
+        let (network_filters, network_missing) =
+            listener_chain(&slots, &listener.name, ChainKind::Network);
+        missing_plugins.extend(network_missing);
         let mut routes = Vec::new();
         for (route_index, route) in listener.routes.iter().enumerate() {
             let field = format!(
@@ -471,6 +481,18 @@ pub fn prepare(
             routes,
             filters,
             missing_plugins,
+            network_filters,
+            tcp_proxy: listener.tcp_proxy.as_ref().map(|proxy| TcpProxySpec {
+                cluster: proxy.cluster.clone(),
+                sni_routes: proxy
+                    .sni_routes
+                    .iter()
+                    .map(|route| SniRoute {
+                        server_names: route.server_names.clone(),
+                        cluster: route.cluster.clone(),
+                    })
+                    .collect(),
+            }),
             limits: Limits {
                 max_request_headers_bytes: limits.max_request_headers_kb as usize * 1024,
                 max_headers_count: limits.max_headers_count as usize,
@@ -526,6 +548,54 @@ pub fn prepare(
 
 fn nonzero_or(value: Duration, otherwise: Duration) -> Duration {
     if value.is_zero() { otherwise } else { value }
+}
+
+/// A plugin's slot in a new configuration: taken as it is from `previous` when its specification
+/// (and local module) did not change, else loaded; a new version that fails keeps the earlier one
+/// serving.
+fn place_plugin(
+    plugin: PluginSpec,
+    listener: &str,
+    chain: ChainKind,
+    previous: &[Slot],
+    control: &Control,
+) -> anyhow::Result<Slot> {
+    // A failed one too: it keeps its place in the background retries.
+    let unchanged = previous.iter().find(|s| {
+        s.listener == listener
+            && s.chain == chain
+            && s.spec == plugin
+            && s.outdated.is_none()
+            && same_local_module(s)
+    });
+    if let Some(unchanged) = unchanged {
+        return Ok(unchanged.clone());
+    }
+    let state = load_plugin(&plugin, control)?;
+    let earlier = previous.iter().find(|s| {
+        s.listener == listener
+            && s.chain == chain
+            && s.spec.name == plugin.name
+            && matches!(s.state, SlotState::Loaded { .. })
+    });
+    Ok(match (state, earlier) {
+        (SlotState::Failed { reason }, Some(earlier)) => {
+            tracing::error!(
+                plugin = %plugin.name,
+                "cannot load the plugin's new version: {reason}; the earlier version keeps serving; retrying in the background"
+            );
+            Slot {
+                outdated: Some(reason),
+                ..Slot::new(listener, chain, plugin, earlier.state.clone(), control)
+            }
+        }
+        (state, _) => {
+            if let SlotState::Failed { reason } = &state {
+                log_fetch_failure(&plugin, reason);
+            }
+            Slot::new(listener, chain, plugin, state, control)
+        }
+    })
 }
 
 /// For a plugin from a local file: whether the file still holds the module that was loaded (a
@@ -700,7 +770,12 @@ pub fn serve(
     let (events, received) = std::sync::mpsc::channel::<ControlEvent>();
     // Kept alive while serving: dropping it stops the watching.
     let _watcher = match &config_path {
-        Some(path) => watch(path, &control.plugin_dirs(&config), &control.secrets_dirs, events.clone()),
+        Some(path) => watch(
+            path,
+            &control.plugin_dirs(&config),
+            &control.secrets_dirs,
+            events.clone(),
+        ),
         None => None,
     };
     for (name, address) in gateway.addresses() {
@@ -966,8 +1041,12 @@ fn background(
             }
         }
         for listener in &changed {
-            let (filters, missing) = listener_chain(&state.slots, listener);
-            if let Err(error) = gateway.update_chain(listener, filters, missing) {
+            let tcp_proxy = state
+                .config
+                .listeners
+                .iter()
+                .any(|l| l.name == *listener && l.tcp_proxy.is_some());
+            if let Err(error) = swap_chains(gateway, &state.slots, listener, tcp_proxy) {
                 tracing::error!(listener, "cannot swap in the new chain: {error}");
             }
         }
@@ -1007,17 +1086,36 @@ fn reload(
         tracing::warn!("{what} changed: that takes effect on restart; plugin changes apply now");
     }
     for listener in &prepared.spec.listeners {
-        gateway
-            .update_chain(
-                &listener.name,
-                listener.filters.clone(),
-                listener.missing_plugins.clone(),
-            )
-            .with_context(|| format!("listener {}", listener.name))?;
+        swap_chains(
+            gateway,
+            &prepared.slots,
+            &listener.name,
+            listener.tcp_proxy.is_some(),
+        )
+        .with_context(|| format!("listener {}", listener.name))?;
     }
     state.slots = prepared.slots;
     state.config = config;
     Ok(prepared.config_dump)
+}
+
+/// Swaps a listener's chains on every worker for those `slots` describe.
+fn swap_chains(
+    gateway: &GatewayHandle,
+    slots: &[Slot],
+    listener: &str,
+    tcp_proxy: bool,
+) -> Result<(), wasmgate_dataplane::StartError> {
+    let (filters, mut missing) = listener_chain(slots, listener, ChainKind::Http);
+    let (network, network_missing) = listener_chain(slots, listener, ChainKind::Network);
+    missing.extend(network_missing);
+    if tcp_proxy {
+        gateway.update_network_chain(listener, network, missing)
+    } else {
+        // Network plugins on HTTP listeners are not run yet (the data plane warns at start); a
+        // missing FAIL_CLOSE one still denies.
+        gateway.update_chain(listener, filters, missing)
+    }
 }
 
 /// What changed that a reload does not apply (it swaps plugin chains only).

@@ -244,6 +244,8 @@ pub fn listener(routes: Vec<RouteSpec>, filters: Vec<FilterSpec>, limits: Limits
         missing_plugins: Vec::new(),
         limits,
         tls: None,
+        network_filters: Vec::new(),
+        tcp_proxy: None,
     }
 }
 

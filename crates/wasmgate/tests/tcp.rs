@@ -1,0 +1,109 @@
+//! The release binary as a TCP proxy: a listener with `network_filters` and `tcp_proxy`, in the
+//! shape the network-plugins issue gives, against a real echo server; a NETWORK WasmPlugin from
+//! `plugins_dir` in the same chain; and a hot reload of the network chain.
+
+mod common;
+
+use std::io::{Read, Write};
+use std::net::{SocketAddr, TcpStream};
+use std::time::Duration;
+
+use common::*;
+
+/// Echoes every byte back until the client half-closes, then closes.
+fn echo_server() -> SocketAddr {
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let address = listener.local_addr().unwrap();
+    std::thread::spawn(move || {
+        for stream in listener.incoming() {
+            let Ok(mut stream) = stream else { continue };
+            std::thread::spawn(move || {
+                let mut buffer = [0u8; 16 * 1024];
+                loop {
+                    match stream.read(&mut buffer) {
+                        Ok(0) | Err(_) => break,
+                        Ok(n) => {
+                            if stream.write_all(&buffer[..n]).is_err() {
+                                break;
+                            }
+                        }
+                    }
+                }
+                let _ = stream.shutdown(std::net::Shutdown::Write);
+            });
+        }
+    });
+    address
+}
+
+/// Sends `text`, half-closes, and reads everything the proxy sends back.
+fn round_trip(address: SocketAddr, text: &str) -> String {
+    let mut stream = TcpStream::connect(address).unwrap();
+    stream
+        .set_read_timeout(Some(Duration::from_secs(10)))
+        .unwrap();
+    stream.write_all(text.as_bytes()).unwrap();
+    stream.shutdown(std::net::Shutdown::Write).unwrap();
+    let mut answer = String::new();
+    stream.read_to_string(&mut answer).unwrap();
+    answer
+}
+
+#[test]
+fn a_tcp_proxy_listener_runs_its_network_plugins() {
+    let echo = echo_server();
+    let dir = tempfile::tempdir().unwrap();
+    let plugins = dir.path().join("plugins.d");
+    std::fs::create_dir(&plugins).unwrap();
+    let greeting = plugin("test_tcp_greeting");
+    let counter = plugin("test_tcp_counter");
+    let yaml = format!(
+        r#"workers: 1
+admin: 127.0.0.1:0
+plugins_dir: plugins.d
+listeners:
+  - name: tcp
+    address: 127.0.0.1:0
+    network_filters:
+      - name: greeting
+        vm_config: {{ code: {{ local: {{ filename: {greeting} }} }} }}
+    tcp_proxy: {{ cluster: echo }}
+clusters:
+  - name: echo
+    endpoints: ["{echo}"]
+"#,
+        greeting = greeting.display()
+    );
+    let config = dir.path().join("gateway.yaml");
+    std::fs::write(&config, yaml).unwrap();
+    let gateway = start_capturing(wasmgate().args(["run", "--config", config.to_str().unwrap()]));
+    let tcp = gateway.listener("tcp");
+    // Downstream "hello" becomes "howdy" on the way up; the echo comes back unchanged.
+    assert_eq!(round_trip(tcp, "hello world"), "howdy world");
+
+    // A NETWORK WasmPlugin joins the chain by hot reload: the counter plugin's metric moves.
+    std::fs::write(
+        plugins.join("counter.yaml"),
+        format!(
+            "apiVersion: extensions.istio.io/v1alpha1\nkind: WasmPlugin\nmetadata:\n  name: counter\nspec:\n  type: NETWORK\n  url: file://{}\n",
+            counter.display()
+        ),
+    )
+    .unwrap();
+    assert!(
+        eventually(Duration::from_secs(20), || {
+            let (_, plugins) = get(gateway.admin, "/plugins", "");
+            plugins.contains("\"counter\"") && plugins.contains("\"network\"")
+        }),
+        "{}",
+        gateway.stderr.lock()
+    );
+    assert_eq!(round_trip(tcp, "hello again"), "howdy again");
+    let (_, stats) = get(gateway.admin, "/stats/prometheus", "");
+    assert!(
+        stats
+            .lines()
+            .any(|l| l.starts_with("tcp_counter") || l.contains("tcp_counter")),
+        "the counter plugin's metrics are exposed: {stats}"
+    );
+}
