@@ -23,6 +23,14 @@ pub enum Mode {
     Htpasswd { username: String, password: String },
     /// HTTPS with a certificate for 127.0.0.1 and localhost signed by a fresh test CA.
     Tls,
+    /// Plain HTTP with Docker's token authentication: clients get a Bearer token from `realm`,
+    /// whose JWTs are signed by the key of `root_cert_pem`.
+    Token {
+        realm: String,
+        service: String,
+        issuer: String,
+        root_cert_pem: String,
+    },
 }
 
 pub struct TestRegistry {
@@ -67,6 +75,19 @@ impl TestRegistry {
                 std::fs::write(&path, format!("{username}:{hash}\n")).expect("write htpasswd");
                 extra.push_str(&format!(
                     "auth:\n  htpasswd:\n    realm: wasmgate-test\n    path: {}\n",
+                    path.display()
+                ));
+            }
+            Mode::Token {
+                realm,
+                service,
+                issuer,
+                root_cert_pem,
+            } => {
+                let path = dir.path().join("token-issuer.pem");
+                std::fs::write(&path, root_cert_pem).expect("write the token issuer's certificate");
+                extra.push_str(&format!(
+                    "auth:\n  token:\n    realm: {realm}\n    service: {service}\n    issuer: {issuer}\n    rootcertbundle: {}\n",
                     path.display()
                 ));
             }
