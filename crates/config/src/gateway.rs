@@ -62,6 +62,9 @@ pub struct GatewayConfig {
     /// apply to it.
     #[serde(default)]
     pub workload: Workload,
+    /// Limits every plugin VM runs under.
+    #[serde(default)]
+    pub plugin_limits: PluginLimits,
     /// Kubernetes as a source of WasmPlugins and pull secrets, beside `plugins_dir`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub kubernetes: Option<KubernetesSource>,
@@ -79,6 +82,24 @@ pub struct KubernetesSource {
     /// Where the mirror is written; default: `kubernetes/` in the module cache folder.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub mirror_dir: Option<PathBuf>,
+}
+
+/// Limits for plugin VMs.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct PluginLimits {
+    /// The longest a single callback may run before it is stopped and handled as a trap (the
+    /// plugin's failure policy applies); default 2s, 0 for none.
+    #[serde(with = "serde_duration")]
+    pub callback_time_limit: Duration,
+}
+
+impl Default for PluginLimits {
+    fn default() -> Self {
+        Self {
+            callback_time_limit: Duration::from_secs(2),
+        }
+    }
 }
 
 /// Remote module fetching (Istio's agent defaults).
@@ -449,6 +470,7 @@ impl Default for GatewayConfig {
             module_cache: ModuleCache::default(),
             workload: Workload::default(),
             kubernetes: None,
+            plugin_limits: PluginLimits::default(),
         }
     }
 }

@@ -30,8 +30,8 @@ pub use envoy::{
 pub use error::{ConfigError, ConfigErrors};
 pub use gateway::{
     Cluster, ClusterTls, DEFAULT_ADMIN, DirectResponse, Endpoint, GatewayConfig, KubernetesSource,
-    Listener, ListenerLimits, ListenerTls, ModuleCache, ModuleFetch, PathMatcher, Route,
-    RouteAction, RouteMatch, SniRoute, TcpProxy, domain_matches,
+    Listener, ListenerLimits, ListenerTls, ModuleCache, ModuleFetch, PathMatcher, PluginLimits,
+    Route, RouteAction, RouteMatch, SniRoute, TcpProxy, domain_matches,
 };
 pub use plugin::{CodeSource, FailurePolicy, PluginOrigin, PluginSpec};
 pub use value::configuration_text;

@@ -28,7 +28,13 @@ pub struct RuntimeConfig {
     pub max_memory_bytes: usize,
     /// The level guests see from `proxy_get_log_level` and below which their lines are dropped.
     pub log_level: LogLevel,
+    /// The longest one callback (or a VM's start-up code) may run before it is stopped and
+    /// handled as a trap: a plugin stuck in a loop cannot hold a worker. Zero: no limit.
+    pub callback_time_limit: std::time::Duration,
 }
+
+/// How often the engine's epoch advances: the granularity of `callback_time_limit`.
+pub(crate) const EPOCH_TICK: std::time::Duration = std::time::Duration::from_millis(10);
 
 impl Default for RuntimeConfig {
     fn default() -> Self {
@@ -37,6 +43,7 @@ impl Default for RuntimeConfig {
             max_vms: 256,
             max_memory_bytes: 512 << 20,
             log_level: LogLevel::Info,
+            callback_time_limit: std::time::Duration::from_secs(2),
         }
     }
 }
@@ -50,6 +57,8 @@ pub struct Runtime {
     pub(crate) shared: Arc<Shared>,
     pub(crate) log_level: Arc<LogLevelCell>,
     modules: Mutex<HashMap<String, Arc<CompiledModule>>>,
+    /// The epoch ticker thread runs while this lives.
+    _ticker: Arc<()>,
 }
 
 impl Runtime {
@@ -72,7 +81,10 @@ impl Runtime {
                 ))
             })?;
         }
+        let ticker = Arc::new(());
+        Self::start_epoch_ticker(&engine, &ticker)?;
         Ok(Arc::new(Self {
+            _ticker: ticker,
             engine,
             log_level: Arc::new(LogLevelCell::new(config.log_level)),
             config,
@@ -82,8 +94,43 @@ impl Runtime {
         }))
     }
 
+    /// Advances the engine's epoch every [`EPOCH_TICK`] until the runtime is dropped; each VM
+    /// traps when its callback's deadline (in ticks) passes.
+    fn start_epoch_ticker(engine: &Engine, alive: &Arc<()>) -> Result<(), LoadError> {
+        let engine = engine.clone();
+        let alive = Arc::downgrade(alive);
+        std::thread::Builder::new()
+            .name("wasmgate-epoch".into())
+            .spawn(move || {
+                while alive.strong_count() > 0 {
+                    std::thread::sleep(EPOCH_TICK);
+                    engine.increment_epoch();
+                }
+            })
+            .map(drop)
+            .map_err(|e| LoadError::Engine(format!("cannot start the epoch ticker: {e}")))
+    }
+
+    /// The deadline, in epoch ticks, a callback gets (practically never without a limit; wasmtime
+    /// adds it to the current epoch, so not `u64::MAX`).
+    pub(crate) fn callback_deadline_ticks(&self) -> u64 {
+        let limit = self.config.callback_time_limit;
+        if limit.is_zero() {
+            u64::MAX >> 1
+        } else {
+            // +1: the current tick may be about to end.
+            (limit.as_millis() / EPOCH_TICK.as_millis()).max(1) as u64 + 1
+        }
+    }
+
+    pub fn callback_time_limit(&self) -> std::time::Duration {
+        self.config.callback_time_limit
+    }
+
     fn build_engine(config: &RuntimeConfig, pooling: bool) -> Result<Engine, LoadError> {
         let mut wasm = Config::new();
+        // Loops and calls check the epoch, so a callback can be stopped at its deadline.
+        wasm.epoch_interruption(true);
         wasm.wasm_backtrace_max_frames(std::num::NonZeroUsize::new(64));
         wasm.cranelift_opt_level(wasmtime::OptLevel::Speed);
         if pooling {

@@ -56,6 +56,9 @@ pub struct Vm {
     main: Option<Func>,
     roots: HashMap<String, u32>,
     failed: Option<String>,
+    /// Each call into the guest may run this many epoch ticks (see `RuntimeConfig::callback_time_limit`).
+    deadline_ticks: u64,
+    time_limit: std::time::Duration,
 }
 
 impl Vm {
@@ -96,6 +99,9 @@ impl Vm {
             exit_code: None,
         };
         let mut store = Store::new(runtime.engine(), state);
+        let deadline_ticks = runtime.callback_deadline_ticks();
+        // Instantiation runs the module's start function: it gets the limit too.
+        store.set_epoch_deadline(deadline_ticks);
         let instance = module
             .pre
             .instantiate(&mut store)
@@ -131,6 +137,8 @@ impl Vm {
             main,
             roots: HashMap::new(),
             failed: None,
+            deadline_ticks,
+            time_limit: runtime.callback_time_limit(),
         };
         vm.run_start_functions()?;
         Ok(vm)
@@ -143,6 +151,7 @@ impl Vm {
                 let main = main
                     .typed::<(u32, u32), u32>(&self.store)
                     .expect("checked at instantiation");
+                self.store.set_epoch_deadline(self.deadline_ticks);
                 main.call(&mut self.store, (0, 0))
                     .map_err(|e| self.trap("main", 0, e))?;
             }
@@ -772,6 +781,7 @@ impl Vm {
         state.current = context;
         state.effective = context;
         state.phase = Phase::Stream;
+        self.store.set_epoch_deadline(self.deadline_ticks);
         let result = func.call(&mut self.store, &params, &mut results);
         self.store.data_mut().phase = Phase::Idle;
         result.map_err(|e| self.trap("an exported function", context, e))?;
@@ -886,6 +896,7 @@ impl Vm {
         state.current = context;
         state.effective = context;
         state.phase = phase;
+        self.store.set_epoch_deadline(self.deadline_ticks);
         let result = typed.call(&mut self.store, params);
         self.store.data_mut().phase = Phase::Idle;
         match result {
@@ -936,6 +947,12 @@ impl Vm {
             .filter(|bt| !bt.is_empty());
         let message = match error.downcast_ref::<ProcExit>() {
             Some(exit) => exit.to_string(),
+            None if error.downcast_ref::<wasmtime::Trap>() == Some(&wasmtime::Trap::Interrupt) => {
+                format!(
+                    "stopped after running longer than the {:?} callback time limit",
+                    self.time_limit
+                )
+            }
             None => error.root_cause().to_string(),
         };
         tracing::error!(

@@ -89,6 +89,7 @@ impl Control {
         let cache = Cache::open(cache_root(config)).map_err(|e| anyhow::anyhow!("{e}"))?;
         let runtime = Runtime::new(RuntimeConfig {
             cache_dir: Some(cache.modules_dir()),
+            callback_time_limit: config.plugin_limits.callback_time_limit,
             ..Default::default()
         })?;
         let fetcher = Fetcher::new(fetch_options(config)?, Arc::new(cache))
@@ -1141,8 +1142,11 @@ fn needs_restart(old: &GatewayConfig, new: &GatewayConfig) -> Option<&'static st
         || old.insecure_registries != new.insecure_registries
         || old.pull_secrets_dir != new.pull_secrets_dir
         || old.kubernetes != new.kubernetes
+        || old.plugin_limits != new.plugin_limits
     {
-        Some("module_fetch, module_cache, insecure_registries, pull_secrets_dir or kubernetes")
+        Some(
+            "module_fetch, module_cache, insecure_registries, pull_secrets_dir, kubernetes or plugin_limits",
+        )
     } else {
         None
     }

@@ -318,3 +318,62 @@ spec:
     );
     assert!(gateway.terminate().success());
 }
+
+#[test]
+fn a_plugin_stuck_in_a_loop_is_stopped_and_the_gateway_keeps_serving() {
+    let dir = tempfile::tempdir().unwrap();
+    let looping = dir.path().join("looping.wasm");
+    // Request headers loop forever; everything else is a no-op.
+    std::fs::write(
+        &looping,
+        wat_module(
+            r#"(module
+  (memory (export "memory") 1)
+  (func (export "proxy_abi_version_0_2_1"))
+  (func (export "proxy_on_memory_allocate") (param i32) (result i32) (i32.const 1024))
+  (func (export "proxy_on_context_create") (param i32 i32))
+  (func (export "proxy_on_vm_start") (param i32 i32) (result i32) (i32.const 1))
+  (func (export "proxy_on_configure") (param i32 i32) (result i32) (i32.const 1))
+  (func (export "proxy_on_request_headers") (param i32 i32 i32) (result i32)
+    (loop $forever (br $forever))
+    (i32.const 0)))"#,
+        ),
+    )
+    .unwrap();
+    let upstream = upstream(Duration::ZERO);
+    let yaml = format!(
+        r#"workers: 1
+admin: 127.0.0.1:0
+plugin_limits: {{ callback_time_limit: 200ms }}
+listeners:
+  - name: stuck
+    address: 127.0.0.1:0
+    http_filters:
+      - name: looping
+        vm_config: {{ code: {{ local: {{ filename: {looping} }} }} }}
+    routes: [ {{ match: {{ prefix: / }}, cluster: up }} ]
+  - name: fine
+    address: 127.0.0.1:0
+    routes: [ {{ match: {{ prefix: / }}, cluster: up }} ]
+clusters:
+  - {{ name: up, endpoints: ["{upstream}"] }}
+"#,
+        looping = looping.display()
+    );
+    let config = write_config(&dir, &yaml);
+    let gateway = start(&["run", "--config", config.to_str().unwrap()]);
+    let started = std::time::Instant::now();
+    let (status, answer) = get(gateway.listener("stuck"), "/", "");
+    assert_eq!(status, 503, "FAIL_CLOSED after the trap: {answer}");
+    assert!(started.elapsed() < Duration::from_secs(10));
+    // The worker is free again: the other listener, on the same single worker, serves.
+    let (status, answer) = get(gateway.listener("fine"), "/", "");
+    assert_eq!(status, 200, "{answer}");
+    let (status, _) = get(gateway.listener("stuck"), "/", "");
+    assert_eq!(status, 503, "the failed VM stays failed");
+}
+
+/// A module from WAT text, through the `wat` crate the toolkit already uses.
+fn wat_module(text: &str) -> Vec<u8> {
+    wat::parse_str(text).expect("valid WAT")
+}
