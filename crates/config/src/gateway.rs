@@ -799,25 +799,12 @@ impl GatewayConfig {
         let Some(listener) = self.listeners.get(listener_index) else {
             return Vec::new();
         };
-        let mut istio: Vec<&WasmPluginSpec> = wasm_plugins
-            .iter()
-            .filter(|p| p.spec.plugin_type.is_http() && self.applies_to_listener(listener, p))
-            .collect();
-        order_plugins_for(&self.workload, &mut istio);
-        let (before, after): (Vec<_>, Vec<_>) = istio
-            .into_iter()
-            .partition(|p| p.spec.phase != PluginPhase::UnspecifiedPhase);
         let own = listener
             .http_filters
             .iter()
             .enumerate()
             .filter_map(|(i, f)| f.to_plugin_spec(&listener.name, i));
-        before
-            .into_iter()
-            .map(WasmPluginSpec::to_plugin_spec)
-            .chain(own)
-            .chain(after.into_iter().map(WasmPluginSpec::to_plugin_spec))
-            .collect()
+        self.assemble_chain(listener, wasm_plugins, true, own)
     }
 
     /// The listener's network (L4) plugin chain: the WasmPlugins of type `NETWORK` that apply to
@@ -834,14 +821,6 @@ impl GatewayConfig {
         let Some(listener) = self.listeners.get(listener_index) else {
             return Vec::new();
         };
-        let mut network: Vec<&WasmPluginSpec> = wasm_plugins
-            .iter()
-            .filter(|p| !p.spec.plugin_type.is_http() && self.applies_to_listener(listener, p))
-            .collect();
-        order_plugins_for(&self.workload, &mut network);
-        let (before, after): (Vec<_>, Vec<_>) = network
-            .into_iter()
-            .partition(|p| p.spec.phase != PluginPhase::UnspecifiedPhase);
         let own = listener
             .network_filters
             .iter()
@@ -854,6 +833,28 @@ impl GatewayConfig {
                 };
                 Some(spec)
             });
+        self.assemble_chain(listener, wasm_plugins, false, own)
+    }
+
+    /// A chain in Istio's order: the WasmPlugins of the given type that apply to the listener with
+    /// a phase, then the listener's `own` filters, then those without a phase.
+    fn assemble_chain(
+        &self,
+        listener: &Listener,
+        wasm_plugins: &[WasmPluginSpec],
+        http: bool,
+        own: impl Iterator<Item = PluginSpec>,
+    ) -> Vec<PluginSpec> {
+        let mut istio: Vec<&WasmPluginSpec> = wasm_plugins
+            .iter()
+            .filter(|p| {
+                p.spec.plugin_type.is_http() == http && self.applies_to_listener(listener, p)
+            })
+            .collect();
+        order_plugins_for(&self.workload, &mut istio);
+        let (before, after): (Vec<_>, Vec<_>) = istio
+            .into_iter()
+            .partition(|p| p.spec.phase != PluginPhase::UnspecifiedPhase);
         before
             .into_iter()
             .map(WasmPluginSpec::to_plugin_spec)

@@ -151,6 +151,24 @@ impl DockerConfig {
     }
 
     /// Reads and parses a `.dockerconfigjson` file.
+    /// The Docker config of the user running Wasmgate (`$DOCKER_CONFIG/config.json`, else
+    /// `~/.docker/config.json`), as go-containerregistry's default keychain reads it; `None` when
+    /// there is none (a broken one is logged and ignored).
+    pub fn from_user_config() -> Option<Self> {
+        let dir = std::env::var_os("DOCKER_CONFIG")
+            .map(std::path::PathBuf::from)
+            .or_else(|| {
+                std::env::var_os("HOME").map(|h| std::path::PathBuf::from(h).join(".docker"))
+            })?;
+        let path = dir.join("config.json");
+        if !path.exists() {
+            return None;
+        }
+        Self::from_file(&path)
+            .inspect_err(|error| tracing::warn!("ignoring {}: {error}", path.display()))
+            .ok()
+    }
+
     pub fn from_file(path: &Path) -> Result<Self, String> {
         let bytes = std::fs::read(path)
             .map_err(|e| format!("cannot read docker config {}: {e}", path.display()))?;

@@ -119,7 +119,10 @@ impl Fetcher {
             ModuleUrl::File(path) => return self.local(request.url, path, expected.as_deref()),
             ModuleUrl::Http(http) => self.http(http, expected.as_deref(), policy).await,
             ModuleUrl::Oci(reference) => {
-                let credentials = request.credentials.cloned().or_else(user_docker_config);
+                let credentials = request
+                    .credentials
+                    .cloned()
+                    .or_else(DockerConfig::from_user_config);
                 let deadline = self.options.deadline;
                 tokio::time::timeout(
                     deadline,
@@ -353,19 +356,4 @@ fn normalise_sha256(url: &str, sha256: &str) -> Result<String, FetchError> {
             format!("sha256 {sha256:?} is not 64 hexadecimal digits"),
         ))
     }
-}
-
-/// The Docker config of the user running Wasmgate (`$DOCKER_CONFIG/config.json`, else
-/// `~/.docker/config.json`), as go-containerregistry's default keychain reads it.
-fn user_docker_config() -> Option<DockerConfig> {
-    let dir = std::env::var_os("DOCKER_CONFIG")
-        .map(PathBuf::from)
-        .or_else(|| std::env::var_os("HOME").map(|home| PathBuf::from(home).join(".docker")))?;
-    let path = dir.join("config.json");
-    if !path.exists() {
-        return None;
-    }
-    DockerConfig::from_file(&path)
-        .inspect_err(|error| tracing::warn!("ignoring {}: {error}", path.display()))
-        .ok()
 }

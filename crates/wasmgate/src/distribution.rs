@@ -186,7 +186,7 @@ pub fn push(args: PushArgs) -> anyhow::Result<ExitCode> {
         None => {
             let config = match args.remote.docker_config()? {
                 Some(config) => Some(config),
-                None => user_docker_config(),
+                None => DockerConfig::from_user_config(),
             };
             config.and_then(|c| c.credentials_for(&reference.registry))
         }
@@ -204,13 +204,6 @@ pub fn push(args: PushArgs) -> anyhow::Result<ExitCode> {
     println!("pushed {reference}");
     println!("digest {digest}");
     Ok(ExitCode::SUCCESS)
-}
-
-fn user_docker_config() -> Option<DockerConfig> {
-    let dir = std::env::var_os("DOCKER_CONFIG")
-        .map(PathBuf::from)
-        .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".docker")))?;
-    DockerConfig::from_file(&dir.join("config.json")).ok()
 }
 
 pub fn cache(command: CacheCommand) -> anyhow::Result<ExitCode> {
