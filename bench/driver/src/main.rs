@@ -137,6 +137,8 @@ fn main() {
                 ..Default::default()
             },
             failure_policy: FailurePolicy::FailClosed,
+            reload_backoff: std::time::Duration::from_secs(1),
+            reload_backoff_max: std::time::Duration::from_secs(10),
         });
     }
     let upstream = upstream();

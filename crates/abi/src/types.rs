@@ -22,6 +22,25 @@ pub enum Status {
 }
 
 impl Status {
+    pub fn from_raw(raw: u32) -> Option<Self> {
+        const ALL: [Status; 13] = [
+            Status::Ok,
+            Status::NotFound,
+            Status::BadArgument,
+            Status::SerializationFailure,
+            Status::ParseFailure,
+            Status::BadExpression,
+            Status::InvalidMemoryAccess,
+            Status::Empty,
+            Status::CasMismatch,
+            Status::ResultMismatch,
+            Status::InternalFailure,
+            Status::BrokenConnection,
+            Status::Unimplemented,
+        ];
+        ALL.get(raw as usize).copied()
+    }
+
     pub fn code(self) -> u32 {
         self as u32
     }

@@ -9,7 +9,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::duration::{serde_duration, serde_opt_duration};
 use crate::error::Report;
-use crate::plugin::{CodeSource, FailurePolicy, PluginOrigin, PluginSpec};
+use crate::plugin::{CodeSource, FailurePolicy, PluginOrigin, PluginSpec, ReloadBackoff};
 use crate::value::deserialize_configuration;
 
 /// One Wasm plugin in a listener's `http_filters`, in Envoy's `PluginConfig` shape.
@@ -32,6 +32,30 @@ pub struct HttpFilter {
     /// Deprecated in Envoy; `true` = `FAIL_OPEN`.
     #[serde(default)]
     pub fail_open: bool,
+    /// The host functions and callbacks the plugin may use; absent allows all.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub capability_restriction_config: Option<CapabilityRestrictionConfig>,
+    /// FAIL_RELOAD's backoff.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reload_config: Option<ReloadConfig>,
+}
+
+/// Envoy's `CapabilityRestrictionConfig`: capability names (`proxy_log`, `fd_write`,
+/// `proxy_on_request_headers`, ...) mapped to a `SanitizationConfig` that Envoy, and Wasmgate,
+/// ignore.
+#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CapabilityRestrictionConfig {
+    #[serde(default)]
+    pub allowed_capabilities: BTreeMap<String, serde_json::Value>,
+}
+
+/// Envoy's `ReloadConfig`.
+#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ReloadConfig {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub backoff: Option<BackoffStrategy>,
 }
 
 /// Envoy's `failure_policy` values.
@@ -121,6 +145,7 @@ pub struct RetryPolicy {
     pub retry_back_off: Option<BackoffStrategy>,
 }
 
+/// Envoy's `BackoffStrategy`: `max_interval` defaults to ten times `base_interval`.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct BackoffStrategy {
@@ -197,6 +222,11 @@ impl HttpFilter {
             source,
             environment,
             failure_policy: self.effective_failure_policy(),
+            capabilities: self
+                .capability_restriction_config
+                .as_ref()
+                .map(|c| c.allowed_capabilities.keys().cloned().collect()),
+            reload_backoff: self.reload_backoff(),
             image_pull_policy: None,
             image_pull_secret: None,
             origin: PluginOrigin::EnvoyFilter {
@@ -204,6 +234,16 @@ impl HttpFilter {
                 index,
             },
         })
+    }
+
+    fn reload_backoff(&self) -> ReloadBackoff {
+        match self.reload_config.as_ref().and_then(|r| r.backoff.as_ref()) {
+            Some(backoff) => ReloadBackoff {
+                base: backoff.base_interval,
+                max: backoff.max_interval.unwrap_or(backoff.base_interval * 10),
+            },
+            None => ReloadBackoff::default(),
+        }
     }
 
     pub(crate) fn resolve_paths(&mut self, base: &Path) {
@@ -273,6 +313,28 @@ impl HttpFilter {
                     }
                 ),
             );
+        }
+        if let Some(backoff) = self.reload_config.as_ref().and_then(|r| r.backoff.as_ref()) {
+            if backoff.base_interval < Duration::from_millis(1) {
+                err(
+                    "reload_config.backoff.base_interval",
+                    "must be at least 1ms".to_owned(),
+                );
+            }
+            if let Some(max) = backoff.max_interval
+                && max < backoff.base_interval
+            {
+                err(
+                    "reload_config.backoff.max_interval",
+                    "must not be less than base_interval".to_owned(),
+                );
+            }
+            if self.effective_failure_policy() != FailurePolicy::FailReload {
+                err(
+                    "reload_config",
+                    "only applies with failure_policy FAIL_RELOAD".to_owned(),
+                );
+            }
         }
         let env = &self.vm_config.environment_variables;
         for (i, key) in env.host_env_keys.iter().enumerate() {

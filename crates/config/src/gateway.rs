@@ -92,12 +92,68 @@ pub struct PluginLimits {
     /// plugin's failure policy applies); default 2s, 0 for none.
     #[serde(with = "serde_duration")]
     pub callback_time_limit: Duration,
+    /// The linear memory one VM may grow to, in bytes (default 256 MiB). Growth past it fails as
+    /// `memory.grow` fails; the allocator's abort that follows is a trap.
+    pub max_memory_bytes: usize,
+    /// The Wasm stack one callback may use, in bytes (default 512 KiB); deeper recursion traps.
+    pub max_stack_bytes: usize,
+    /// Outbound calls (HTTP and gRPC) one VM may have in flight (default 1024); one more answers
+    /// INTERNAL_FAILURE.
+    pub max_http_calls: usize,
+    /// Messages one shared queue may hold (default 10000); enqueue onto a full queue answers
+    /// INTERNAL_FAILURE.
+    pub max_queue_length: usize,
+}
+
+impl PluginLimits {
+    const MIN_MEMORY: usize = 64 << 10;
+    const MAX_MEMORY: usize = 4 << 30;
+    const MIN_STACK: usize = 64 << 10;
+    const MAX_STACK: usize = 64 << 20;
+
+    fn validate(&self, report: &mut Report<'_>) {
+        if !(Self::MIN_MEMORY..=Self::MAX_MEMORY).contains(&self.max_memory_bytes) {
+            report.push(
+                "plugin_limits.max_memory_bytes".to_owned(),
+                format!(
+                    "{} is outside 65536 (one Wasm page) to 4294967296 (4 GiB, all a 32-bit \
+                     module can address)",
+                    self.max_memory_bytes
+                ),
+            );
+        }
+        if !(Self::MIN_STACK..=Self::MAX_STACK).contains(&self.max_stack_bytes) {
+            report.push(
+                "plugin_limits.max_stack_bytes".to_owned(),
+                format!(
+                    "{} is outside 65536 to 67108864 (64 KiB to 64 MiB)",
+                    self.max_stack_bytes
+                ),
+            );
+        }
+        if self.max_http_calls == 0 {
+            report.push(
+                "plugin_limits.max_http_calls".to_owned(),
+                "must be at least 1".to_owned(),
+            );
+        }
+        if self.max_queue_length == 0 {
+            report.push(
+                "plugin_limits.max_queue_length".to_owned(),
+                "must be at least 1".to_owned(),
+            );
+        }
+    }
 }
 
 impl Default for PluginLimits {
     fn default() -> Self {
         Self {
             callback_time_limit: Duration::from_secs(2),
+            max_memory_bytes: 256 << 20,
+            max_stack_bytes: 512 << 10,
+            max_http_calls: 1024,
+            max_queue_length: 10_000,
         }
     }
 }
@@ -775,6 +831,7 @@ impl GatewayConfig {
             }
         }
         self.workload.validate(&mut report);
+        self.plugin_limits.validate(&mut report);
         report.errors.into_result()
     }
 
@@ -1202,6 +1259,8 @@ clusters:
                 failure_policy: FailurePolicy::FailClosed,
                 image_pull_policy: None,
                 image_pull_secret: None,
+                capabilities: None,
+                reload_backoff: Default::default(),
                 origin: PluginOrigin::EnvoyFilter {
                     listener: "main".into(),
                     index: 0

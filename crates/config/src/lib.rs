@@ -24,8 +24,8 @@ use std::path::{Path, PathBuf};
 
 pub use duration::{format_duration, parse_duration};
 pub use envoy::{
-    BackoffStrategy, Code, EnvironmentVariables, EnvoyFailurePolicy, HttpFilter, HttpUri,
-    LocalCode, RemoteCode, RetryPolicy, VmConfig,
+    BackoffStrategy, CapabilityRestrictionConfig, Code, EnvironmentVariables, EnvoyFailurePolicy,
+    HttpFilter, HttpUri, LocalCode, ReloadConfig, RemoteCode, RetryPolicy, VmConfig,
 };
 pub use error::{ConfigError, ConfigErrors};
 pub use gateway::{
@@ -33,7 +33,7 @@ pub use gateway::{
     Listener, ListenerLimits, ListenerTls, ModuleCache, ModuleFetch, PathMatcher, PluginLimits,
     Route, RouteAction, RouteMatch, SniRoute, TcpProxy, domain_matches,
 };
-pub use plugin::{CodeSource, FailurePolicy, PluginOrigin, PluginSpec};
+pub use plugin::{CodeSource, FailurePolicy, PluginOrigin, PluginSpec, ReloadBackoff};
 pub use value::configuration_text;
 pub use wasm_plugin::{
     ALLOWED_URL_SCHEMES, EnvValueSource, EnvVar, FailStrategy, ManifestScan, ObjectMeta,

@@ -1,6 +1,8 @@
 //! The resolved, gateway-ready view of one plugin in a filter chain, whatever form it was written in.
 
+use std::collections::BTreeSet;
 use std::path::PathBuf;
+use std::time::Duration;
 
 use serde::Serialize;
 
@@ -38,6 +40,30 @@ pub struct PluginSpec {
     pub image_pull_secret: Option<String>,
     /// Where the plugin was declared, for messages and `/config_dump`.
     pub origin: PluginOrigin,
+    /// Envoy's `capability_restriction_config.allowed_capabilities` (the names only: Envoy ignores
+    /// the sanitization values too); `None` allows every host function and callback.
+    pub capabilities: Option<BTreeSet<String>>,
+    /// How long FAIL_RELOAD waits between rebuilding a failed VM (Envoy's `reload_config`).
+    pub reload_backoff: ReloadBackoff,
+}
+
+/// Envoy's `reload_config.backoff`: the first wait, doubled after each failure up to `max`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+pub struct ReloadBackoff {
+    #[serde(with = "crate::duration::serde_duration")]
+    pub base: Duration,
+    #[serde(with = "crate::duration::serde_duration")]
+    pub max: Duration,
+}
+
+impl Default for ReloadBackoff {
+    /// Envoy's defaults: a 1 s base, at most ten times that.
+    fn default() -> Self {
+        Self {
+            base: Duration::from_secs(1),
+            max: Duration::from_secs(10),
+        }
+    }
 }
 
 /// Where a module's bytes come from.

@@ -370,6 +370,8 @@ impl WasmPluginSpec {
                 .image_pull_secret
                 .clone()
                 .filter(|s| !s.is_empty()),
+            capabilities: None,
+            reload_backoff: Default::default(),
             origin: PluginOrigin::WasmPlugin {
                 file: self.file.clone(),
                 document: self.document,
@@ -1182,6 +1184,8 @@ spec:
                     ("TRUST_DOMAIN".into(), "cluster.local".into())
                 ],
                 failure_policy: FailurePolicy::FailClosed,
+                capabilities: None,
+                reload_backoff: Default::default(),
                 image_pull_policy: Some("IfNotPresent".into()),
                 image_pull_secret: Some("registry-pull-secret".into()),
                 origin: PluginOrigin::WasmPlugin {

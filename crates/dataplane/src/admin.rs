@@ -115,22 +115,70 @@ fn serve(state: &AdminState, request: Request<Incoming>) -> Response<Full<Bytes>
             text
         }),
         (&Method::GET, "/config_dump") => json(&state.config_dump.read()),
-        (&Method::GET, "/plugins") => json(&state.plugins.read()),
+        (&Method::GET, "/plugins") => json(&with_vm_health(state)),
         (&Method::GET, "/logging") => text(StatusCode::OK, "text/plain", loggers(state)),
         (&Method::POST, "/logging") => set_logging(state, query),
         _ => text(StatusCode::NOT_FOUND, "text/plain", "not found\n"),
     }
 }
 
+/// `/plugins` with each plugin's run-time VM health: failures, failed VMs now, FAIL_RELOAD's
+/// rebuilds, and the last failure's reason.
+fn with_vm_health(state: &AdminState) -> serde_json::Value {
+    let mut plugins = state.plugins.read().clone();
+    let health = state.stats.plugin_health();
+    if let Some(entries) = plugins.as_array_mut() {
+        for entry in entries {
+            let Some(name) = entry.get("name").and_then(|n| n.as_str()) else {
+                continue;
+            };
+            let h = health.iter().find(|h| h.plugin == name);
+            let failed_vms = h.map_or(0, |h| h.failed_vms);
+            entry["vm"] = serde_json::json!({
+                "state": if failed_vms > 0 { "failed" } else { "running" },
+                "failures": h.map_or(0, |h| h.vm_failures),
+                "failed_vms": failed_vms,
+                "reloads": {
+                    "success": h.map_or(0, |h| h.reloads_succeeded),
+                    "failure": h.map_or(0, |h| h.reloads_failed),
+                    "backoff": h.map_or(0, |h| h.reloads_in_backoff),
+                },
+                "last_failure": h.and_then(|h| h.last_failure.clone()),
+            });
+        }
+    }
+    plugins
+}
+
 fn loggers(state: &AdminState) -> String {
-    format!("active loggers:\n  wasm: {}\n", state.runtime.log_level())
+    let mut out = format!("active loggers:\n  wasm: {}\n", state.runtime.log_level());
+    for (plugin, level) in state.runtime.plugin_log_levels() {
+        out.push_str(&format!("  wasm.{plugin}: {level}\n"));
+    }
+    out
 }
 
 /// `POST /logging?wasm=debug` sets the plugins' level; `?level=debug` sets every logger, the
-/// gateway's own included, as Envoy's admin does.
+/// gateway's own included, as Envoy's admin does. One plugin's level (and so its host/VM trace):
+/// `?wasm=trace&plugin=NAME`, or `?wasm.NAME=trace`.
 fn set_logging(state: &AdminState, query: &str) -> Response<Full<Bytes>> {
-    for pair in query.split('&').filter(|p| !p.is_empty()) {
-        let (name, value) = pair.split_once('=').unwrap_or((pair, ""));
+    let pairs: Vec<(String, String)> = query
+        .split('&')
+        .filter(|p| !p.is_empty())
+        .map(|pair| {
+            let (name, value) = pair.split_once('=').unwrap_or((pair, ""));
+            (percent_decode(name), percent_decode(value))
+        })
+        .collect();
+    let plugin = pairs
+        .iter()
+        .find(|(name, _)| name == "plugin")
+        .map(|(_, value)| value.clone());
+    for (name, value) in &pairs {
+        let (name, value) = (name.as_str(), value.as_str());
+        if name == "plugin" {
+            continue;
+        }
         let Some(level) = LogLevel::parse(value) else {
             return text(
                 StatusCode::BAD_REQUEST,
@@ -139,7 +187,15 @@ fn set_logging(state: &AdminState, query: &str) -> Response<Full<Bytes>> {
             );
         };
         match name {
-            "wasm" => state.runtime.set_log_level(level),
+            "wasm" => match &plugin {
+                Some(plugin) => state.runtime.set_plugin_log_level(plugin, level),
+                None => state.runtime.set_log_level(level),
+            },
+            _ if name.starts_with("wasm.") => {
+                state
+                    .runtime
+                    .set_plugin_log_level(&name["wasm.".len()..], level);
+            }
             "level" => {
                 state.runtime.set_log_level(level);
                 if let Some(set) = &state.set_log_filter
@@ -156,10 +212,45 @@ fn set_logging(state: &AdminState, query: &str) -> Response<Full<Bytes>> {
                 return text(
                     StatusCode::BAD_REQUEST,
                     "text/plain",
-                    format!("unknown logger {other:?}; use wasm or level\n"),
+                    format!("unknown logger {other:?}; use wasm, wasm.PLUGIN or level\n"),
                 );
             }
         }
     }
     text(StatusCode::OK, "text/plain", loggers(state))
+}
+
+/// `%XX` escapes in a query component (plugin names may hold `/` or `.`); `+` is a space.
+fn percent_decode(text: &str) -> String {
+    let bytes = text.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        match bytes[i] {
+            b'%' if i + 2 < bytes.len() => {
+                match std::str::from_utf8(&bytes[i + 1..i + 3])
+                    .ok()
+                    .and_then(|h| u8::from_str_radix(h, 16).ok())
+                {
+                    Some(byte) => {
+                        out.push(byte);
+                        i += 3;
+                    }
+                    None => {
+                        out.push(b'%');
+                        i += 1;
+                    }
+                }
+            }
+            b'+' => {
+                out.push(b' ');
+                i += 1;
+            }
+            byte => {
+                out.push(byte);
+                i += 1;
+            }
+        }
+    }
+    String::from_utf8_lossy(&out).into_owned()
 }

@@ -15,6 +15,7 @@ use tokio::sync::Notify;
 use wasmgate_abi::{Action, HeaderMap, LocalResponse, StreamInfo, StreamType};
 use wasmgate_runtime::{CallOutcome, Runtime, Vm, VmError};
 
+use crate::health::VmHealth;
 use crate::host::{GatewayHost, SharedEffects};
 use crate::spec::{FailurePolicy, FilterSpec};
 use crate::stats::GatewayStats;
@@ -34,6 +35,7 @@ pub(crate) struct Plugin {
     runtime: Arc<Runtime>,
     clusters: Arc<HashSet<String>>,
     stats: Arc<GatewayStats>,
+    health: VmHealth,
     touches_request_body: bool,
     touches_response_body: bool,
     /// Open gRPC streams: where the plugin's messages go, and the task to cancel.
@@ -58,6 +60,7 @@ impl Plugin {
         let (vm, root, effects) = Self::new_vm(&spec, &runtime, &clusters)?;
         stats.vm_started(&spec.name, 1);
         let callbacks = &spec.module.info().callbacks;
+        let health = VmHealth::new(&spec, stats.clone());
         Ok(Rc::new(Self {
             touches_request_body: callbacks.iter().any(|c| c == "proxy_on_request_body"),
             touches_response_body: callbacks.iter().any(|c| c == "proxy_on_response_body"),
@@ -69,6 +72,7 @@ impl Plugin {
             upstreams,
             runtime,
             clusters,
+            health,
             stats,
             grpc_streams: RefCell::new(std::collections::HashMap::new()),
         }))
@@ -91,7 +95,21 @@ impl Plugin {
     }
 
     pub fn failure(&self) -> Option<String> {
-        self.vm.borrow().failure().map(str::to_owned)
+        let failure = self.vm.borrow().failure().map(str::to_owned);
+        if let Some(reason) = &failure {
+            self.health.failed(reason);
+        }
+        failure
+    }
+
+    /// FAIL_RELOAD: a fresh VM unless the backoff since the last rebuild still runs.
+    fn try_reload(&self) -> bool {
+        if !self.health.may_rebuild() {
+            return false;
+        }
+        let ok = self.reload();
+        self.health.rebuilt(ok);
+        ok
     }
 
     /// FAIL_RELOAD: a fresh VM for this plugin. Streams still on the old VM have lost their contexts.
@@ -432,7 +450,7 @@ impl Chain {
                     });
                 }
                 FailurePolicy::FailReload => {
-                    if !plugin.reload() {
+                    if !plugin.try_reload() {
                         return Err(Halt::Status {
                             code: 503,
                             details: "wasm_fail_stream",

@@ -7,6 +7,7 @@ mod admin;
 mod body;
 mod chain;
 mod convert;
+mod health;
 mod host;
 mod idle;
 mod proxy;

@@ -144,8 +144,12 @@ async fn proxy(
         }),
         ..Default::default()
     };
+    let grpc = is_grpc(&headers);
     let active = listener.chain.borrow().clone();
     if !active.missing_plugins.is_empty() {
+        if grpc {
+            return grpc_status(403, "RBAC: access denied");
+        }
         return denied(&active.missing_plugins);
     }
     let mut chain = match Chain::new(
@@ -154,13 +158,42 @@ async fn proxy(
         listener.spec.limits.per_stream_buffer_limit,
     ) {
         Ok(chain) => chain,
+        Err(Halt::Status { code, details }) if grpc => return grpc_status(code, details),
         Err(halt) => return gateway_status(halt),
     };
     match forward(listener, &mut chain, &mut headers, &mut body).await {
         Ok(Forwarded::Upstream(response)) => respond(&mut chain, response).await,
         Ok(Forwarded::Direct(map, bytes)) => finish_direct(chain, map, bytes).await,
+        Err(Halt::Status { code, details }) if grpc && details == "wasm_fail_stream" => {
+            grpc_status(code, details)
+        }
         Err(halt) => reply(&mut chain, halt).await,
     }
+}
+
+fn is_grpc(headers: &HeaderMap) -> bool {
+    headers
+        .get("content-type")
+        .is_some_and(|value| value.starts_with(b"application/grpc"))
+}
+
+/// The gateway's own answer to a gRPC request, as Envoy gives it: a trailers-only response (HTTP
+/// 200) whose `grpc-status` maps the HTTP status (503 is UNAVAILABLE).
+fn grpc_status(http_status: u16, message: &str) -> Response<GatewayBody> {
+    let code = match http_status {
+        400 => 13,
+        401 => 16,
+        403 => 7,
+        404 => 12,
+        429 | 502 | 503 | 504 => 14,
+        _ => 2,
+    };
+    let mut map = HeaderMap::new();
+    map.add(":status", "200");
+    map.add("content-type", "application/grpc");
+    map.add("grpc-status", code.to_string());
+    map.add("grpc-message", message);
+    convert::response_from_map(&map, GatewayBody::full(Vec::new()))
 }
 
 enum Forwarded {

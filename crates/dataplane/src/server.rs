@@ -250,8 +250,12 @@ pub fn start(
             acceptors: acceptors.clone(),
             clusters: cluster_tls.clone(),
         };
+        // Guest code runs on this thread's stack: room for the Wasm stack limit on top of the
+        // 2 MiB a Rust thread gets by default.
+        let stack_size = (2 << 20) + runtime.config().max_stack_bytes;
         let thread = std::thread::Builder::new()
             .name(format!("wasmgate-worker-{worker}"))
+            .stack_size(stack_size)
             .spawn(move || {
                 run_worker(
                     runtime, spec, tls, sockets, stats, ready, shutdown, ids, command_rx,

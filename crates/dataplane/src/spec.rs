@@ -128,6 +128,10 @@ pub struct FilterSpec {
     pub vm: VmConfig,
     pub plugin: PluginConfig,
     pub failure_policy: FailurePolicy,
+    /// FAIL_RELOAD: the wait before the first rebuild of a failed VM, doubled after each
+    /// rebuild that fails again, up to `reload_backoff_max`.
+    pub reload_backoff: Duration,
+    pub reload_backoff_max: Duration,
 }
 
 #[derive(Clone)]
@@ -191,6 +195,8 @@ impl FilterSpec {
             && self.vm == other.vm
             && self.plugin == other.plugin
             && self.failure_policy == other.failure_policy
+            && self.reload_backoff == other.reload_backoff
+            && self.reload_backoff_max == other.reload_backoff_max
     }
 }
 

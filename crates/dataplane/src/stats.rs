@@ -23,6 +23,23 @@ pub struct GatewayStats {
     pub(crate) active_connections: AtomicI64,
     /// Per plugin name: live VMs, and VMs started since the process began.
     vms: Mutex<Vec<(String, i64, u64)>>,
+    /// Per plugin name: VM failures and FAIL_RELOAD rebuilds.
+    health: Mutex<Vec<PluginHealth>>,
+}
+
+/// A plugin's VM failures (traps, stopped loops, exhausted memory) and FAIL_RELOAD rebuilds, over
+/// all workers since the process began.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct PluginHealth {
+    pub plugin: String,
+    pub vm_failures: u64,
+    /// VMs failed now (failed and not rebuilt).
+    pub failed_vms: i64,
+    pub reloads_succeeded: u64,
+    pub reloads_failed: u64,
+    /// Streams refused because a rebuild was waiting out its backoff.
+    pub reloads_in_backoff: u64,
+    pub last_failure: Option<String>,
 }
 
 impl GatewayStats {
@@ -50,6 +67,46 @@ impl GatewayStats {
             }
             None => vms.push((plugin.to_owned(), delta, started)),
         }
+    }
+
+    fn with_health(&self, plugin: &str, f: impl FnOnce(&mut PluginHealth)) {
+        let mut health = self.health.lock();
+        match health.iter_mut().find(|h| h.plugin == plugin) {
+            Some(entry) => f(entry),
+            None => {
+                let mut entry = PluginHealth {
+                    plugin: plugin.to_owned(),
+                    ..Default::default()
+                };
+                f(&mut entry);
+                health.push(entry);
+            }
+        }
+    }
+
+    pub(crate) fn vm_failed(&self, plugin: &str, reason: &str) {
+        self.with_health(plugin, |h| {
+            h.vm_failures += 1;
+            h.failed_vms += 1;
+            h.last_failure = Some(reason.to_owned());
+        });
+    }
+
+    pub(crate) fn vm_reload(&self, plugin: &str, result: crate::health::ReloadResult) {
+        use crate::health::ReloadResult;
+        self.with_health(plugin, |h| match result {
+            ReloadResult::Success => {
+                h.reloads_succeeded += 1;
+                h.failed_vms = (h.failed_vms - 1).max(0);
+            }
+            ReloadResult::Failure => h.reloads_failed += 1,
+            ReloadResult::Backoff => h.reloads_in_backoff += 1,
+        });
+    }
+
+    /// Every plugin that has failed at least once.
+    pub fn plugin_health(&self) -> Vec<PluginHealth> {
+        self.health.lock().clone()
     }
 
     /// Live VMs of a plugin (one per worker while it is in a chain) and VMs started in all.
@@ -120,6 +177,39 @@ impl GatewayStats {
                 "wasmgate_plugin_vm_starts_total{{plugin=\"{}\"}} {starts}",
                 escape(plugin)
             );
+        }
+        let health = self.plugin_health();
+        out.push_str("# TYPE wasmgate_plugin_vm_failures_total counter\n");
+        for h in &health {
+            let _ = writeln!(
+                out,
+                "wasmgate_plugin_vm_failures_total{{plugin=\"{}\"}} {}",
+                escape(&h.plugin),
+                h.vm_failures
+            );
+        }
+        out.push_str("# TYPE wasmgate_plugin_failed_vms gauge\n");
+        for h in &health {
+            let _ = writeln!(
+                out,
+                "wasmgate_plugin_failed_vms{{plugin=\"{}\"}} {}",
+                escape(&h.plugin),
+                h.failed_vms
+            );
+        }
+        out.push_str("# TYPE wasmgate_plugin_vm_reloads_total counter\n");
+        for h in &health {
+            for (result, count) in [
+                ("success", h.reloads_succeeded),
+                ("failure", h.reloads_failed),
+                ("backoff", h.reloads_in_backoff),
+            ] {
+                let _ = writeln!(
+                    out,
+                    "wasmgate_plugin_vm_reloads_total{{plugin=\"{}\",result=\"{result}\"}} {count}",
+                    escape(&h.plugin)
+                );
+            }
         }
         for metric in plugin_metrics.snapshot() {
             let name = sanitize(&metric.name);

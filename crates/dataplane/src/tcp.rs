@@ -30,6 +30,7 @@ use tokio::sync::{Notify, watch};
 use wasmgate_abi::{Action, PeerType, StreamInfo, StreamType};
 use wasmgate_runtime::{CallOutcome, Runtime, Vm, VmError};
 
+use crate::health::VmHealth;
 use crate::host::{GatewayHost, SharedEffects};
 use crate::spec::{ClusterSpec, FailurePolicy, FilterSpec, ListenerSpec, TcpProxySpec};
 use crate::stats::GatewayStats;
@@ -58,6 +59,7 @@ pub(crate) struct NetworkPlugin {
     runtime: Arc<Runtime>,
     clusters: Arc<HashSet<String>>,
     stats: Arc<GatewayStats>,
+    health: VmHealth,
 }
 
 impl NetworkPlugin {
@@ -70,6 +72,7 @@ impl NetworkPlugin {
     ) -> Result<Rc<Self>, VmError> {
         let (vm, root, effects) = Self::new_vm(&spec, &runtime, &clusters)?;
         stats.vm_started(&spec.name, 1);
+        let health = VmHealth::new(&spec, stats.clone());
         Ok(Rc::new(Self {
             spec,
             vm: RefCell::new(vm),
@@ -79,6 +82,7 @@ impl NetworkPlugin {
             upstreams,
             runtime,
             clusters,
+            health,
             stats,
         }))
     }
@@ -100,7 +104,21 @@ impl NetworkPlugin {
     }
 
     pub fn failure(&self) -> Option<String> {
-        self.vm.borrow().failure().map(str::to_owned)
+        let failure = self.vm.borrow().failure().map(str::to_owned);
+        if let Some(reason) = &failure {
+            self.health.failed(reason);
+        }
+        failure
+    }
+
+    /// FAIL_RELOAD: a fresh VM unless the backoff since the last rebuild still runs.
+    fn try_reload(&self) -> bool {
+        if !self.health.may_rebuild() {
+            return false;
+        }
+        let ok = self.reload();
+        self.health.rebuilt(ok);
+        ok
     }
 
     /// FAIL_RELOAD: a fresh VM. Connections still on the old VM have lost their contexts.
@@ -354,7 +372,7 @@ impl TcpChain {
                 FailurePolicy::FailOpen => return Ok(None),
                 FailurePolicy::FailClosed => return Err(Close("wasm_fail_stream")),
                 FailurePolicy::FailReload => {
-                    if !plugin.reload() {
+                    if !plugin.try_reload() {
                         return Err(Close("wasm_fail_stream"));
                     }
                 }

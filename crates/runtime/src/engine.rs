@@ -12,10 +12,10 @@ use wasmgate_abi::LogLevel;
 use wasmtime::{Config, Engine, InstanceAllocationStrategy, Module, PoolingAllocationConfig};
 
 use crate::error::LoadError;
+use crate::guard::LogLevels;
 use crate::imports;
 use crate::module::{self, CompiledModule};
 use crate::shared::Shared;
-use crate::state::LogLevelCell;
 
 /// Engine settings. Defaults suit a gateway with a few dozen plugins on a handful of workers.
 #[derive(Debug, Clone)]
@@ -24,8 +24,18 @@ pub struct RuntimeConfig {
     pub cache_dir: Option<PathBuf>,
     /// How many VMs may be alive at once (slots of the pooling allocator).
     pub max_vms: u32,
-    /// Largest linear memory a VM may grow to.
+    /// Largest linear memory a VM may grow to (`plugin_limits.max_memory_bytes`): growth past it
+    /// fails, as `memory.grow` fails, and the breach is logged with the plugin and the limit.
     pub max_memory_bytes: usize,
+    /// The guest stack a callback may use (`plugin_limits.max_stack_bytes`); deeper recursion
+    /// traps. Worker threads must have this much stack to spare beyond their own needs.
+    pub max_stack_bytes: usize,
+    /// Outbound calls (`proxy_http_call`, `proxy_grpc_call`, gRPC streams) one VM may have in
+    /// flight (`plugin_limits.max_http_calls`); one more answers INTERNAL_FAILURE.
+    pub max_http_calls: usize,
+    /// Messages one shared queue may hold (`plugin_limits.max_queue_length`); enqueueing onto a
+    /// full queue answers INTERNAL_FAILURE.
+    pub max_queue_length: usize,
     /// The level guests see from `proxy_get_log_level` and below which their lines are dropped.
     pub log_level: LogLevel,
     /// The longest one callback (or a VM's start-up code) may run before it is stopped and
@@ -41,7 +51,10 @@ impl Default for RuntimeConfig {
         Self {
             cache_dir: None,
             max_vms: 256,
-            max_memory_bytes: 512 << 20,
+            max_memory_bytes: 256 << 20,
+            max_stack_bytes: 512 << 10,
+            max_http_calls: 1024,
+            max_queue_length: crate::shared::DEFAULT_MAX_QUEUE_LENGTH,
             log_level: LogLevel::Info,
             callback_time_limit: std::time::Duration::from_secs(2),
         }
@@ -55,7 +68,7 @@ pub struct Runtime {
     /// that can run it.
     engine_key: String,
     pub(crate) shared: Arc<Shared>,
-    pub(crate) log_level: Arc<LogLevelCell>,
+    pub(crate) log_levels: Arc<LogLevels>,
     modules: Mutex<HashMap<String, Arc<CompiledModule>>>,
     /// The epoch ticker thread runs while this lives.
     _ticker: Arc<()>,
@@ -86,10 +99,10 @@ impl Runtime {
         Ok(Arc::new(Self {
             _ticker: ticker,
             engine,
-            log_level: Arc::new(LogLevelCell::new(config.log_level)),
+            log_levels: Arc::new(LogLevels::new(config.log_level)),
+            shared: Arc::new(Shared::new(config.max_queue_length)),
             config,
             engine_key,
-            shared: Arc::new(Shared::default()),
             modules: Mutex::new(HashMap::new()),
         }))
     }
@@ -132,6 +145,9 @@ impl Runtime {
         // Loops and calls check the epoch, so a callback can be stopped at its deadline.
         wasm.epoch_interruption(true);
         wasm.wasm_backtrace_max_frames(std::num::NonZeroUsize::new(64));
+        // File and line in trap backtraces where the module carries DWARF.
+        wasm.wasm_backtrace_details(wasmtime::WasmBacktraceDetails::Enable);
+        wasm.max_wasm_stack(config.max_stack_bytes);
         wasm.cranelift_opt_level(wasmtime::OptLevel::Speed);
         if pooling {
             let mut pool = PoolingAllocationConfig::default();
@@ -156,12 +172,28 @@ impl Runtime {
         &self.shared
     }
 
+    /// The plugins' default log level.
     pub fn log_level(&self) -> LogLevel {
-        self.log_level.get()
+        self.log_levels.default_level()
     }
 
+    /// Sets every plugin's level (Envoy's `wasm` logger); `trace` turns on the host/VM trace.
     pub fn set_log_level(&self, level: LogLevel) {
-        self.log_level.set(level);
+        self.log_levels.set_all(level);
+    }
+
+    /// Sets one plugin's level, so the trace can be turned on for one plugin only.
+    pub fn set_plugin_log_level(&self, plugin: &str, level: LogLevel) {
+        self.log_levels.set_plugin(plugin, level);
+    }
+
+    /// Plugins whose level differs from the default.
+    pub fn plugin_log_levels(&self) -> Vec<(String, LogLevel)> {
+        self.log_levels.overrides()
+    }
+
+    pub fn config(&self) -> &RuntimeConfig {
+        &self.config
     }
 
     /// Compiles (or finds) a module: once per process by sha256, and from the disk cache when a

@@ -14,6 +14,7 @@ pub const LOG_TARGET: &str = "wasm::plugin";
 
 mod engine;
 mod error;
+mod guard;
 mod imports;
 mod memory;
 mod module;
@@ -24,6 +25,7 @@ mod vm;
 
 pub use engine::{Runtime, RuntimeConfig};
 pub use error::{LoadError, VmError};
+pub use guard::Capabilities;
 pub use imports::wasi::ProcExit;
 pub use module::{CompiledModule, ModuleInfo};
 pub use state::{PluginConfig, StreamData};

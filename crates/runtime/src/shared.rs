@@ -15,6 +15,18 @@ pub struct Shared {
     pub metrics: Metrics,
 }
 
+impl Shared {
+    pub fn new(max_queue_length: usize) -> Self {
+        Self {
+            queues: SharedQueues {
+                max_length: max_queue_length,
+                ..SharedQueues::default()
+            },
+            ..Self::default()
+        }
+    }
+}
+
 // === impl SharedData ===
 
 /// `(vm_id, key)`.
@@ -95,6 +107,10 @@ struct Queue {
     items: VecDeque<Vec<u8>>,
     owner: Weak<Inbox>,
     owner_context: u32,
+    /// For the one log line a full queue gets.
+    vm_id: String,
+    name: String,
+    full_reported: bool,
 }
 
 #[derive(Default)]
@@ -105,14 +121,23 @@ struct QueueTable {
 }
 
 /// Shared queues, named per VM id. The last VM to register a name receives its `on_queue_ready`.
-#[derive(Default)]
 pub struct SharedQueues {
     table: Mutex<QueueTable>,
+    /// Most messages a queue holds before enqueue answers INTERNAL_FAILURE (a guard against a
+    /// plugin that enqueues faster than anyone dequeues).
+    max_length: usize,
 }
 
-/// Most messages a queue holds before enqueue answers INTERNAL_FAILURE (a guard against a plugin
-/// that enqueues faster than anyone dequeues).
-pub const MAX_QUEUE_LENGTH: usize = 10_000;
+impl Default for SharedQueues {
+    fn default() -> Self {
+        Self {
+            table: Mutex::default(),
+            max_length: DEFAULT_MAX_QUEUE_LENGTH,
+        }
+    }
+}
+
+pub const DEFAULT_MAX_QUEUE_LENGTH: usize = 10_000;
 
 impl SharedQueues {
     pub fn register(
@@ -139,6 +164,9 @@ impl SharedQueues {
                 items: VecDeque::new(),
                 owner: Arc::downgrade(owner),
                 owner_context: root_context_id,
+                vm_id: vm_id.to_owned(),
+                name: name.to_owned(),
+                full_reported: false,
             },
         );
         id
@@ -158,9 +186,21 @@ impl SharedQueues {
             let Some(queue) = table.queues.get_mut(&queue_id) else {
                 return Status::NotFound;
             };
-            if queue.items.len() >= MAX_QUEUE_LENGTH {
+            if queue.items.len() >= self.max_length {
+                if !queue.full_reported {
+                    queue.full_reported = true;
+                    tracing::warn!(
+                        target: crate::LOG_TARGET,
+                        vm_id = %queue.vm_id,
+                        queue = %queue.name,
+                        "shared queue is full at {} messages (plugin_limits.max_queue_length); \
+                         enqueue answers INTERNAL_FAILURE until a message is dequeued",
+                        self.max_length
+                    );
+                }
                 return Status::InternalFailure;
             }
+            queue.full_reported = false;
             queue.items.push_back(message);
             queue
                 .owner

@@ -10,6 +10,7 @@ use std::time::Duration;
 use wasmgate_abi::{HeaderMap, Host, LogLevel, StreamInfo};
 use wasmtime::{Memory, TypedFunc};
 
+use crate::guard::{Capabilities, LogLevels, MemoryLimiter};
 use crate::shared::{Inbox, Shared};
 
 /// A plugin: one root context in a VM, with its name, root id and configuration.
@@ -113,7 +114,17 @@ pub struct VmState {
     pub(crate) environment: Vec<Vec<u8>>,
     pub(crate) host: Box<dyn Host>,
     pub(crate) shared: Arc<Shared>,
+    /// The level of the plugin this VM runs (its first plugin names it), read on every host call.
     pub(crate) log_level: Arc<LogLevelCell>,
+    pub(crate) log_levels: Arc<LogLevels>,
+    /// The capability allow-list; `None` allows everything.
+    pub(crate) allowed: Option<Arc<Capabilities>>,
+    /// Host functions refused so far (each is logged once).
+    pub(crate) refused: Vec<&'static str>,
+    pub(crate) limiter: MemoryLimiter,
+    pub(crate) max_http_calls: usize,
+    /// Whether the `max_http_calls` breach was logged (once until calls drain).
+    pub(crate) callouts_full: bool,
     pub(crate) inbox: Arc<Inbox>,
 
     pub(crate) memory: Option<Memory>,

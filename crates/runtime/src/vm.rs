@@ -11,6 +11,7 @@ use wasmtime::{Func, Instance, Store, TypedFunc, Val, WasmBacktrace, WasmParams,
 
 use crate::engine::Runtime;
 use crate::error::VmError;
+use crate::guard::{Capabilities, Joined, MemoryLimiter, TraceArgs, export_allowed};
 use crate::imports::wasi::ProcExit;
 use crate::module::{CALLBACKS, CompiledModule};
 use crate::shared::Inbox;
@@ -27,6 +28,10 @@ pub struct VmConfig {
     pub configuration: Vec<u8>,
     /// The plugin's environment (WASI `environ_*`); the host's own is never exposed.
     pub environment: Vec<(String, String)>,
+    /// Envoy's `capability_restriction_config`: the host functions and callbacks the plugin may
+    /// use, by name. `None` allows all. A refused host function answers INTERNAL_FAILURE (WASI:
+    /// NOTCAPABLE) and a refused callback is treated as not exported, as in Envoy.
+    pub capabilities: Option<Capabilities>,
 }
 
 /// The answer to an outbound HTTP call, handed back with [`Vm::on_http_call_response`].
@@ -59,6 +64,7 @@ pub struct Vm {
     /// Each call into the guest may run this many epoch ticks (see `RuntimeConfig::callback_time_limit`).
     deadline_ticks: u64,
     time_limit: std::time::Duration,
+    stack_limit: usize,
 }
 
 impl Vm {
@@ -79,7 +85,17 @@ impl Vm {
                 .collect(),
             host,
             shared: runtime.shared.clone(),
-            log_level: runtime.log_level.clone(),
+            log_level: runtime.log_levels.cell(&config.vm_id),
+            log_levels: runtime.log_levels.clone(),
+            allowed: config.capabilities.clone().map(Arc::new),
+            refused: Vec::new(),
+            limiter: MemoryLimiter {
+                max_bytes: runtime.config().max_memory_bytes,
+                plugin: config.vm_id.clone(),
+                breached: None,
+            },
+            max_http_calls: runtime.config().max_http_calls,
+            callouts_full: false,
             inbox: Arc::new(Inbox::default()),
             memory: None,
             allocator: None,
@@ -99,6 +115,7 @@ impl Vm {
             exit_code: None,
         };
         let mut store = Store::new(runtime.engine(), state);
+        store.limiter(|state| &mut state.limiter);
         let deadline_ticks = runtime.callback_deadline_ticks();
         // Instantiation runs the module's start function: it gets the limit too.
         store.set_epoch_deadline(deadline_ticks);
@@ -117,6 +134,7 @@ impl Vm {
         let callbacks = CALLBACKS
             .iter()
             .filter(|(name, ..)| module.info.callbacks.iter().any(|c| c == name))
+            .filter(|(name, ..)| export_allowed(config.capabilities.as_ref(), name))
             .filter_map(|(name, ..)| {
                 let func = instance.get_func(&mut store, name)?;
                 Some((*name, Callback { func, typed: None }))
@@ -139,6 +157,7 @@ impl Vm {
             failed: None,
             deadline_ticks,
             time_limit: runtime.callback_time_limit(),
+            stack_limit: runtime.config().max_stack_bytes,
         };
         vm.run_start_functions()?;
         Ok(vm)
@@ -191,6 +210,12 @@ impl Vm {
                 plugin: plugin.name,
                 root_id: plugin.root_id,
             });
+        }
+        if self.roots.is_empty() {
+            // The VM's first plugin names its log level and its limit breaches.
+            let state = self.store.data_mut();
+            state.log_level = state.log_levels.cell(&plugin.name);
+            state.limiter.plugin = plugin.name.clone();
         }
         let root_id = plugin.root_id.clone();
         let id = self.new_context_id();
@@ -845,7 +870,7 @@ impl Vm {
         }
     }
 
-    fn action<P: WasmParams + 'static>(
+    fn action<P: WasmParams + TraceArgs + 'static>(
         &mut self,
         name: &'static str,
         context: u32,
@@ -856,7 +881,7 @@ impl Vm {
     }
 
     /// Calls an exported callback with `context` current. `Ok(None)` when the module does not export it.
-    fn invoke<P: WasmParams + 'static, R: WasmResults + 'static>(
+    fn invoke<P: WasmParams + TraceArgs + 'static, R: WasmResults + std::fmt::Debug + 'static>(
         &mut self,
         name: &'static str,
         context: u32,
@@ -892,13 +917,25 @@ impl Vm {
             }
         };
         let _span = self.callback_span(name, context).entered();
+        let traced = self.store.data().log_level.get() == LogLevel::Trace;
+        if traced {
+            let plugin = self.plugin_name(context);
+            tracing::trace!(target: crate::LOG_TARGET, plugin, context_id = context,
+                "[host->vm] {name}({})", Joined(&params.trace_args()));
+        }
         let state = self.store.data_mut();
         state.current = context;
         state.effective = context;
         state.phase = phase;
+        state.limiter.breached = None;
         self.store.set_epoch_deadline(self.deadline_ticks);
         let result = typed.call(&mut self.store, params);
         self.store.data_mut().phase = Phase::Idle;
+        if traced && let Ok(value) = &result {
+            let plugin = self.plugin_name(context);
+            tracing::trace!(target: crate::LOG_TARGET, plugin, context_id = context,
+                "[host<-vm] {name} return: {value:?}");
+        }
         match result {
             Ok(value) => {
                 self.complete_done()?;
@@ -949,11 +986,30 @@ impl Vm {
             Some(exit) => exit.to_string(),
             None if error.downcast_ref::<wasmtime::Trap>() == Some(&wasmtime::Trap::Interrupt) => {
                 format!(
-                    "stopped after running longer than the {:?} callback time limit",
+                    "stopped after running longer than the {:?} callback time limit \
+                     (plugin_limits.callback_time_limit)",
                     self.time_limit
                 )
             }
-            None => error.root_cause().to_string(),
+            None if error.downcast_ref::<wasmtime::Trap>()
+                == Some(&wasmtime::Trap::StackOverflow) =>
+            {
+                format!(
+                    "call stack exhausted: the plugin used more than its {} bytes of stack \
+                     (plugin_limits.max_stack_bytes)",
+                    self.stack_limit
+                )
+            }
+            None => match self.store.data_mut().limiter.breached.take() {
+                // The allocator found no memory and aborted: say why, not just "unreachable".
+                Some(wanted) => format!(
+                    "{}, after its memory reached the limit of {} bytes \
+                     (plugin_limits.max_memory_bytes; it asked for {wanted})",
+                    error.root_cause(),
+                    self.store.data().limiter.max_bytes
+                ),
+                None => error.root_cause().to_string(),
+            },
         };
         tracing::error!(
             target: crate::LOG_TARGET,

@@ -90,6 +90,10 @@ impl Control {
         let runtime = Runtime::new(RuntimeConfig {
             cache_dir: Some(cache.modules_dir()),
             callback_time_limit: config.plugin_limits.callback_time_limit,
+            max_memory_bytes: config.plugin_limits.max_memory_bytes,
+            max_stack_bytes: config.plugin_limits.max_stack_bytes,
+            max_http_calls: config.plugin_limits.max_http_calls,
+            max_queue_length: config.plugin_limits.max_queue_length,
             ..Default::default()
         })?;
         let fetcher = Fetcher::new(fetch_options(config)?, Arc::new(cache))
@@ -289,8 +293,14 @@ pub struct Slot {
 
 #[derive(Clone)]
 pub enum SlotState {
-    Loaded { filter: FilterSpec, sha256: String },
-    Failed { reason: String },
+    // Boxed: a FilterSpec is large beside the failure's reason.
+    Loaded {
+        filter: Box<FilterSpec>,
+        sha256: String,
+    },
+    Failed {
+        reason: String,
+    },
 }
 
 impl Slot {
@@ -375,7 +385,7 @@ fn listener_chain(
         .filter(|s| s.listener == listener && s.chain == chain)
     {
         match &slot.state {
-            SlotState::Loaded { filter, .. } => filters.push(filter.clone()),
+            SlotState::Loaded { filter, .. } => filters.push((**filter).clone()),
             SlotState::Failed { .. } => {
                 if slot.spec.failure_policy != wasmgate_config::FailurePolicy::FailOpen {
                     missing.push(slot.spec.name.clone());
@@ -649,7 +659,10 @@ fn load_plugin(plugin: &PluginSpec, control: &Control) -> anyhow::Result<SlotSta
             reason: format!("the plugin does not start: {reason}"),
         });
     }
-    Ok(SlotState::Loaded { filter, sha256 })
+    Ok(SlotState::Loaded {
+        filter: Box::new(filter),
+        sha256,
+    })
 }
 
 fn filter_spec(plugin: &PluginSpec, module: Arc<CompiledModule>) -> FilterSpec {
@@ -660,6 +673,7 @@ fn filter_spec(plugin: &PluginSpec, module: Arc<CompiledModule>) -> FilterSpec {
             vm_id: plugin.vm_id.clone(),
             configuration: plugin.vm_configuration.clone(),
             environment: plugin.environment.clone(),
+            capabilities: plugin.capabilities.clone(),
         },
         plugin: PluginConfig {
             name: plugin.name.clone(),
@@ -671,6 +685,8 @@ fn filter_spec(plugin: &PluginSpec, module: Arc<CompiledModule>) -> FilterSpec {
             wasmgate_config::FailurePolicy::FailOpen => FailurePolicy::FailOpen,
             wasmgate_config::FailurePolicy::FailReload => FailurePolicy::FailReload,
         },
+        reload_backoff: plugin.reload_backoff.base,
+        reload_backoff_max: plugin.reload_backoff.max,
     }
 }
 

@@ -90,6 +90,7 @@ pub fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
         vm_id: "cli".into(),
         configuration: args.vm_config.into_bytes(),
         environment,
+        capabilities: None,
     };
     let name = args
         .file

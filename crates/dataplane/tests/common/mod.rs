@@ -199,6 +199,8 @@ pub fn filter(
             configuration: configuration.as_bytes().to_vec(),
         },
         failure_policy: policy,
+        reload_backoff: std::time::Duration::from_millis(50),
+        reload_backoff_max: std::time::Duration::from_millis(500),
     }
 }
 

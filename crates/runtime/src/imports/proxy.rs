@@ -124,10 +124,19 @@ pub(crate) fn add_to_linker(
     macro_rules! def {
         ($name:literal, |$c:ident $(, $arg:ident : $ty:ty)*| $body:expr) => {
             linker.func_wrap("env", $name, |mut caller: C<'_> $(, $arg: $ty)*| -> wasmtime::Result<u32> {
+                let watched = caller.data().watched();
+                if watched && !caller.data_mut().admit("env", $name, &Status::InternalFailure) {
+                    caller.data().trace_host_call("env", $name, &[$($arg as u64),*], &Status::InternalFailure);
+                    return Ok(Status::InternalFailure as u32);
+                }
                 let $c: &mut C<'_> = &mut caller;
                 #[allow(clippy::redundant_closure_call, unused_braces)]
                 let result: HostResult = (|| -> HostResult { $body })();
-                status(result)
+                let answer = status(result);
+                if watched {
+                    caller.data().trace_host_call("env", $name, &[$($arg as u64),*], &Answer(&answer));
+                }
+                answer
             })?;
         };
     }
@@ -520,17 +529,47 @@ fn legacy(
     name: &'static str,
     f: fn(&mut C<'_>) -> Status,
 ) -> wasmtime::Result<()> {
+    let gated = move |c: &mut C<'_>| -> Status {
+        let watched = c.data().watched();
+        if watched && !c.data_mut().admit("env", name, &Status::InternalFailure) {
+            c.data()
+                .trace_host_call("env", name, &[], &Status::InternalFailure);
+            return Status::InternalFailure;
+        }
+        let result = f(c);
+        if watched {
+            c.data().trace_host_call("env", name, &[], &result);
+        }
+        result
+    };
     if void_legacy.contains(&name) {
         linker.func_wrap("env", name, move |mut c: C<'_>| {
-            let result = f(&mut c);
+            let result = gated(&mut c);
             if result != Status::Ok {
                 tracing::debug!(target: crate::LOG_TARGET, plugin = c.data().plugin_name(), "{name} answered {result}");
             }
         })?;
     } else {
-        linker.func_wrap("env", name, move |mut c: C<'_>| -> u32 { f(&mut c) as u32 })?;
+        linker.func_wrap("env", name, move |mut c: C<'_>| -> u32 {
+            gated(&mut c) as u32
+        })?;
     }
     Ok(())
+}
+
+/// A host function's answer as the trace prints it: the status name, or the trap.
+struct Answer<'a>(&'a wasmtime::Result<u32>);
+
+impl std::fmt::Display for Answer<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self.0 {
+            Ok(raw) => match Status::from_raw(*raw) {
+                Some(status) => status.fmt(f),
+                None => raw.fmt(f),
+            },
+            Err(error) => write!(f, "trap: {error}"),
+        }
+    }
 }
 
 fn to_result(status: Status) -> HostResult {
@@ -827,6 +866,7 @@ fn http_call(
         .context(context)
         .map(|ctx| ctx.root)
         .ok_or(Status::BadArgument)?;
+    admit_callout(state, "proxy_http_call")?;
     let token = state.allocate_token(CalloutKind::Http, root);
     let call = HttpCallRequest {
         upstream,
@@ -840,6 +880,26 @@ fn http_call(
         return Err(status.into());
     }
     Ok(write_u32(c, token_out, token)?)
+}
+
+/// `plugin_limits.max_http_calls`: a plugin that dispatches calls faster than they answer is
+/// refused more, with one log line per VM until its calls drain.
+fn admit_callout(state: &mut VmState, function: &str) -> HostResult {
+    if state.callouts.len() < state.max_http_calls {
+        state.callouts_full = false;
+        return Ok(());
+    }
+    if !state.callouts_full {
+        state.callouts_full = true;
+        tracing::warn!(
+            target: crate::LOG_TARGET,
+            plugin = state.plugin_name(),
+            "{function} refused: the plugin already has {} calls in flight \
+             (plugin_limits.max_http_calls); it answers INTERNAL_FAILURE",
+            state.callouts.len()
+        );
+    }
+    Err(Status::InternalFailure.into())
 }
 
 fn grpc_call(
@@ -867,6 +927,7 @@ fn grpc_call(
         .context(context)
         .map(|ctx| ctx.root)
         .ok_or(Status::BadArgument)?;
+    admit_callout(state, "proxy_grpc_call")?;
     let token = state.allocate_token(CalloutKind::Grpc, root);
     let result = match message {
         Some(message) => state.host.grpc_call(

@@ -117,96 +117,77 @@ pub(crate) fn add_to_linker(
     imports: &[(String, String, FuncType)],
 ) -> wasmtime::Result<()> {
     for module in MODULES {
-        linker.func_wrap(
-            module,
-            "fd_write",
-            |mut c: C<'_>, fd: u32, iovs: u32, count: u32, out: u32| -> i32 {
-                fd_write(&mut c, fd, iovs, count, out)
-            },
-        )?;
-        linker.func_wrap(
-            module,
-            "fd_fdstat_get",
-            |mut c: C<'_>, fd: u32, out: u32| -> i32 {
-                if !(1..=2).contains(&fd) {
-                    return errno::BADF;
-                }
-                // filetype CHARACTER_DEVICE, no flags, no rights: enough for "is this a terminal" checks.
-                let mut fdstat = [0u8; 24];
-                fdstat[0] = 2;
-                errno_of(write(&mut c, out, &fdstat))
-            },
-        )?;
-        linker.func_wrap(
-            module,
-            "clock_time_get",
-            |mut c: C<'_>, id: u32, _precision: u64, out: u32| -> i32 {
-                match clock_now(id) {
-                    Some(nanos) => errno_of(write_u64(&mut c, out, nanos)),
-                    None => errno::NOTSUP,
-                }
-            },
-        )?;
-        linker.func_wrap(
-            module,
-            "clock_res_get",
-            |mut c: C<'_>, id: u32, out: u32| -> i32 {
-                match clock_now(id) {
-                    Some(_) => errno_of(write_u64(&mut c, out, 1)),
-                    None => errno::NOTSUP,
-                }
-            },
-        )?;
-        linker.func_wrap(
-            module,
-            "random_get",
-            |mut c: C<'_>, buf: u32, len: u32| -> i32 {
-                if len > MAX_RANDOM_BYTES {
-                    return errno::INVAL;
-                }
-                let mut bytes = vec![0u8; len as usize];
-                if getrandom::fill(&mut bytes).is_err() {
-                    return errno::INVAL;
-                }
-                errno_of(write(&mut c, buf, &bytes))
-            },
-        )?;
-        linker.func_wrap(
-            module,
-            "environ_sizes_get",
-            |mut c: C<'_>, count_out: u32, size_out: u32| -> i32 {
-                let env = &c.data().environment;
-                let count = env.len() as u32;
-                let size = env.iter().map(|e| e.len() + 1).sum::<usize>() as u32;
-                errno_of(
-                    write_u32(&mut c, count_out, count)
-                        .and_then(|()| write_u32(&mut c, size_out, size)),
-                )
-            },
-        )?;
-        linker.func_wrap(
-            module,
-            "environ_get",
-            |mut c: C<'_>, pointers: u32, buffer: u32| -> i32 {
-                environ_get(&mut c, pointers, buffer)
-            },
-        )?;
-        linker.func_wrap(
-            module,
-            "args_sizes_get",
-            |mut c: C<'_>, count_out: u32, size_out: u32| -> i32 {
-                errno_of(
-                    write_u32(&mut c, count_out, 0).and_then(|()| write_u32(&mut c, size_out, 0)),
-                )
-            },
-        )?;
-        linker.func_wrap(
-            module,
-            "args_get",
-            |c: C<'_>, pointers: u32, buffer: u32| -> i32 {
-                errno_of(check(&c, pointers, 0).and_then(|()| check(&c, buffer, 0)))
-            },
-        )?;
+        // Each function passes the capability allow-list and the host/VM trace first.
+        macro_rules! wasi {
+            ($name:literal, |$c:ident $(, $arg:ident : $ty:ty)*| $body:expr) => {
+                linker.func_wrap(module, $name, move |mut caller: C<'_> $(, $arg: $ty)*| -> i32 {
+                    let watched = caller.data().watched();
+                    if watched && !caller.data_mut().admit(module, $name, &"NOTCAPABLE") {
+                        caller.data().trace_host_call(module, $name, &[$($arg as u64),*], &errno::NOTCAPABLE);
+                        return errno::NOTCAPABLE;
+                    }
+                    let $c: &mut C<'_> = &mut caller;
+                    #[allow(clippy::redundant_closure_call, unused_braces)]
+                    let answer: i32 = (|| -> i32 { $body })();
+                    if watched {
+                        caller.data().trace_host_call(module, $name, &[$($arg as u64),*], &answer);
+                    }
+                    answer
+                })?;
+            };
+        }
+
+        wasi!("fd_write", |c, fd: u32, iovs: u32, count: u32, out: u32| {
+            fd_write(c, fd, iovs, count, out)
+        });
+        wasi!("fd_fdstat_get", |c, fd: u32, out: u32| {
+            if !(1..=2).contains(&fd) {
+                return errno::BADF;
+            }
+            // filetype CHARACTER_DEVICE, no flags, no rights: enough for "is this a terminal" checks.
+            let mut fdstat = [0u8; 24];
+            fdstat[0] = 2;
+            errno_of(write(c, out, &fdstat))
+        });
+        wasi!("clock_time_get", |c, id: u32, _precision: u64, out: u32| {
+            match clock_now(id) {
+                Some(nanos) => errno_of(write_u64(c, out, nanos)),
+                None => errno::NOTSUP,
+            }
+        });
+        wasi!("clock_res_get", |c, id: u32, out: u32| {
+            match clock_now(id) {
+                Some(_) => errno_of(write_u64(c, out, 1)),
+                None => errno::NOTSUP,
+            }
+        });
+        wasi!("random_get", |c, buf: u32, len: u32| {
+            if len > MAX_RANDOM_BYTES {
+                return errno::INVAL;
+            }
+            let mut bytes = vec![0u8; len as usize];
+            if getrandom::fill(&mut bytes).is_err() {
+                return errno::INVAL;
+            }
+            errno_of(write(c, buf, &bytes))
+        });
+        wasi!("environ_sizes_get", |c, count_out: u32, size_out: u32| {
+            let env = &c.data().environment;
+            let count = env.len() as u32;
+            let size = env.iter().map(|e| e.len() + 1).sum::<usize>() as u32;
+            errno_of(write_u32(c, count_out, count).and_then(|()| write_u32(c, size_out, size)))
+        });
+        wasi!("environ_get", |c, pointers: u32, buffer: u32| {
+            environ_get(c, pointers, buffer)
+        });
+        wasi!("args_sizes_get", |c, count_out: u32, size_out: u32| {
+            errno_of(write_u32(c, count_out, 0).and_then(|()| write_u32(c, size_out, 0)))
+        });
+        wasi!("args_get", |c, pointers: u32, buffer: u32| {
+            errno_of(check(c, pointers, 0).and_then(|()| check(c, buffer, 0)))
+        });
+        wasi!("sched_yield", |_c| errno::SUCCESS);
+        // Not gated: a plugin that wants to end itself may.
         linker.func_wrap(
             module,
             "proc_exit",
@@ -215,7 +196,6 @@ pub(crate) fn add_to_linker(
                 Err(wasmtime::Error::new(ProcExit(code)))
             },
         )?;
-        linker.func_wrap(module, "sched_yield", || -> i32 { errno::SUCCESS })?;
     }
     for (module, name, ty) in imports {
         let Some(&(_, answer)) = STUBS.iter().find(|(stub, _)| stub == name) else {
