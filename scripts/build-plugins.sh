@@ -11,6 +11,8 @@ fi
 
 echo "==> building Rust SDK plugins (plugins/)"
 (cd plugins && cargo build --release --target wasm32-wasip1 --locked --quiet)
+# One debug build, whose DWARF the backtrace test reads file and line from.
+(cd plugins && cargo build --target wasm32-wasip1 --locked --quiet -p test-kitchen-sink)
 
 if [ "${WASMGATE_SKIP_ASSEMBLYSCRIPT:-}" != 1 ]; then
   echo "==> building the AssemblyScript test plugin"

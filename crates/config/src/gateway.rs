@@ -68,6 +68,148 @@ pub struct GatewayConfig {
     /// Kubernetes as a source of WasmPlugins and pull secrets, beside `plugins_dir`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub kubernetes: Option<KubernetesSource>,
+    /// Which plugin-defined metrics `/stats/prometheus` shows (Envoy's `stats_matcher`); all when
+    /// absent. The gateway's own `wasmgate_*` metrics are always shown.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub stats_matcher: Option<StatsMatcher>,
+}
+
+/// Envoy's `StatsMatcher`: an inclusion list or an exclusion list of name patterns, matched
+/// against a metric's name as the plugin defined it.
+#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct StatsMatcher {
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub inclusion_list: Option<StringMatchList>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub exclusion_list: Option<StringMatchList>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct StringMatchList {
+    pub patterns: Vec<StringMatcher>,
+}
+
+/// Envoy's `StringMatcher`: exactly one of the fields.
+#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct StringMatcher {
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub exact: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub prefix: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub suffix: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub contains: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub safe_regex: Option<SafeRegex>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SafeRegex {
+    pub regex: String,
+}
+
+/// A compiled [`StatsMatcher`].
+#[derive(Debug, Clone)]
+pub struct MetricFilter {
+    include: bool,
+    patterns: Vec<CompiledMatcher>,
+}
+
+#[derive(Debug, Clone)]
+enum CompiledMatcher {
+    Exact(String),
+    Prefix(String),
+    Suffix(String),
+    Contains(String),
+    Regex(regex::Regex),
+}
+
+impl MetricFilter {
+    pub fn allows(&self, name: &str) -> bool {
+        let matched = self.patterns.iter().any(|p| match p {
+            CompiledMatcher::Exact(s) => name == s,
+            CompiledMatcher::Prefix(s) => name.starts_with(s.as_str()),
+            CompiledMatcher::Suffix(s) => name.ends_with(s.as_str()),
+            CompiledMatcher::Contains(s) => name.contains(s.as_str()),
+            CompiledMatcher::Regex(r) => r.is_match(name),
+        });
+        matched == self.include
+    }
+}
+
+impl StatsMatcher {
+    /// The matcher ready to use; `None` when it has no list. Validation has checked it compiles.
+    pub fn compile(&self) -> Option<MetricFilter> {
+        let (include, list) = match (&self.inclusion_list, &self.exclusion_list) {
+            (Some(list), _) => (true, list),
+            (None, Some(list)) => (false, list),
+            (None, None) => return None,
+        };
+        let patterns = list
+            .patterns
+            .iter()
+            .filter_map(|p| p.compile().ok())
+            .collect();
+        Some(MetricFilter { include, patterns })
+    }
+
+    fn validate(&self, report: &mut Report<'_>) {
+        if self.inclusion_list.is_some() && self.exclusion_list.is_some() {
+            report.push(
+                "stats_matcher".to_owned(),
+                "set inclusion_list or exclusion_list, not both".to_owned(),
+            );
+        }
+        for (name, list) in [
+            ("inclusion_list", &self.inclusion_list),
+            ("exclusion_list", &self.exclusion_list),
+        ] {
+            for (i, pattern) in list.iter().flat_map(|l| l.patterns.iter()).enumerate() {
+                if let Err(reason) = pattern.compile() {
+                    report.push(format!("stats_matcher.{name}.patterns[{i}]"), reason);
+                }
+            }
+        }
+    }
+}
+
+impl StringMatcher {
+    fn compile(&self) -> Result<CompiledMatcher, String> {
+        let set = [
+            self.exact.is_some(),
+            self.prefix.is_some(),
+            self.suffix.is_some(),
+            self.contains.is_some(),
+            self.safe_regex.is_some(),
+        ]
+        .iter()
+        .filter(|s| **s)
+        .count();
+        if set != 1 {
+            return Err(format!(
+                "exactly one of exact, prefix, suffix, contains, safe_regex must be set (found {set})"
+            ));
+        }
+        Ok(if let Some(s) = &self.exact {
+            CompiledMatcher::Exact(s.clone())
+        } else if let Some(s) = &self.prefix {
+            CompiledMatcher::Prefix(s.clone())
+        } else if let Some(s) = &self.suffix {
+            CompiledMatcher::Suffix(s.clone())
+        } else if let Some(s) = &self.contains {
+            CompiledMatcher::Contains(s.clone())
+        } else {
+            let regex = &self.safe_regex.as_ref().expect("counted above").regex;
+            CompiledMatcher::Regex(
+                regex::Regex::new(regex).map_err(|e| format!("safe_regex.regex: {e}"))?,
+            )
+        })
+    }
 }
 
 /// WasmPlugin objects (and the dockerconfigjson Secrets they name) watched in the gateway's
@@ -527,6 +669,7 @@ impl Default for GatewayConfig {
             workload: Workload::default(),
             kubernetes: None,
             plugin_limits: PluginLimits::default(),
+            stats_matcher: None,
         }
     }
 }
@@ -832,6 +975,9 @@ impl GatewayConfig {
         }
         self.workload.validate(&mut report);
         self.plugin_limits.validate(&mut report);
+        if let Some(matcher) = &self.stats_matcher {
+            matcher.validate(&mut report);
+        }
         report.errors.into_result()
     }
 

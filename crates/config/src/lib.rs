@@ -30,8 +30,9 @@ pub use envoy::{
 pub use error::{ConfigError, ConfigErrors};
 pub use gateway::{
     Cluster, ClusterTls, DEFAULT_ADMIN, DirectResponse, Endpoint, GatewayConfig, KubernetesSource,
-    Listener, ListenerLimits, ListenerTls, ModuleCache, ModuleFetch, PathMatcher, PluginLimits,
-    Route, RouteAction, RouteMatch, SniRoute, TcpProxy, domain_matches,
+    Listener, ListenerLimits, ListenerTls, MetricFilter, ModuleCache, ModuleFetch, PathMatcher,
+    PluginLimits, Route, RouteAction, RouteMatch, SafeRegex, SniRoute, StatsMatcher,
+    StringMatchList, StringMatcher, TcpProxy, domain_matches,
 };
 pub use plugin::{CodeSource, FailurePolicy, PluginOrigin, PluginSpec, ReloadBackoff};
 pub use value::configuration_text;

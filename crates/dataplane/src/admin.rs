@@ -32,6 +32,8 @@ pub struct AdminState {
     pub set_log_filter: Option<LogFilterSetter>,
     /// More Prometheus text appended to `/stats/prometheus` (the module fetcher's metrics, say).
     pub extra_metrics: Option<Arc<dyn Fn() -> String + Send + Sync>>,
+    /// Which plugin-defined metrics to show (the config's `stats_matcher`); all when `None`.
+    pub metric_filter: Option<Arc<dyn Fn(&str) -> bool + Send + Sync>>,
 }
 
 pub struct AdminHandle {
@@ -108,7 +110,11 @@ fn serve(state: &AdminState, request: Request<Incoming>) -> Response<Full<Bytes>
     match (request.method(), request.uri().path()) {
         (&Method::GET, "/ready") => text(StatusCode::OK, "text/plain", "LIVE\n"),
         (&Method::GET, "/stats/prometheus") => text(StatusCode::OK, "text/plain; version=0.0.4", {
-            let mut text = state.stats.prometheus(&state.runtime.shared().metrics);
+            let metrics = &state.runtime.shared().metrics;
+            let mut text = match &state.metric_filter {
+                Some(filter) => state.stats.prometheus_filtered(metrics, filter.as_ref()),
+                None => state.stats.prometheus(metrics),
+            };
             if let Some(extra) = &state.extra_metrics {
                 text.push_str(&extra());
             }

@@ -125,6 +125,16 @@ impl GatewayStats {
     /// The Prometheus text exposition: gateway metrics, then plugin-defined metrics under the names
     /// the plugins chose.
     pub fn prometheus(&self, plugin_metrics: &Metrics) -> String {
+        self.prometheus_filtered(plugin_metrics, &|_| true)
+    }
+
+    /// As [`Self::prometheus`], showing only the plugin-defined metrics `include` accepts (by the
+    /// name the plugin gave them).
+    pub fn prometheus_filtered(
+        &self,
+        plugin_metrics: &Metrics,
+        include: &dyn Fn(&str) -> bool,
+    ) -> String {
         let mut out = String::new();
         out.push_str("# TYPE wasmgate_http_responses_total counter\n");
         for (i, count) in self.responses_by_class().iter().enumerate() {
@@ -212,6 +222,9 @@ impl GatewayStats {
             }
         }
         for metric in plugin_metrics.snapshot() {
+            if !include(&metric.name) {
+                continue;
+            }
             let name = sanitize(&metric.name);
             match metric.kind {
                 MetricType::Counter => {

@@ -646,6 +646,33 @@ fn false_from_on_vm_start_or_on_configure_rejects_the_plugin() {
     vm.start_plugin(plugin("fine", "{}")).unwrap();
 }
 
+/// A debug build keeps DWARF: the backtrace then names the guest's source file and line, as
+/// Envoy's "Proxy-Wasm plugin in-VM backtrace" does.
+#[test]
+fn a_trap_backtrace_has_file_and_line_where_the_module_has_dwarf() {
+    let debug_build = std::fs::read(
+        common::repo_root().join("plugins/target/wasm32-wasip1/debug/test_kitchen_sink.wasm"),
+    )
+    .expect("scripts/build-plugins.sh builds a debug kitchen sink");
+    let mut h = harness(&debug_build, "");
+    let error = h
+        .exchange(
+            Message::request("GET", "/").header("x-mode", "panic"),
+            &mut echo_upstream(),
+        )
+        .unwrap_err();
+    match error {
+        wasmgate_toolkit::harness::HarnessError::Vm(VmError::Trap { backtrace, .. }) => {
+            let backtrace = backtrace.expect("a backtrace");
+            assert!(
+                backtrace.contains("test-kitchen-sink/src/lib.rs:"),
+                "file and line from DWARF: {backtrace}"
+            );
+        }
+        other => panic!("expected a trap, got {other}"),
+    }
+}
+
 #[test]
 fn a_panic_traps_and_fails_the_vm() {
     let mut h = harness(&kitchen(), "");

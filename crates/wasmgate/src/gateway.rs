@@ -402,6 +402,8 @@ pub struct Prepared {
     pub admin: SocketAddr,
     pub config_dump: serde_json::Value,
     pub slots: Vec<Slot>,
+    /// The compiled `stats_matcher` (read at start-up; a change needs a restart).
+    pub metric_filter: Option<wasmgate_config::MetricFilter>,
 }
 
 /// Reads, validates, fetches and compiles. A configuration error or a local module that does not
@@ -554,6 +556,7 @@ pub fn prepare(
         admin: config.admin,
         config_dump,
         slots,
+        metric_filter: config.stats_matcher.as_ref().and_then(|m| m.compile()),
     })
 }
 
@@ -760,6 +763,10 @@ pub fn serve(
             extra_metrics: Some(Arc::new(move || {
                 fetch_metrics.prometheus() + &reload_metrics.prometheus()
             })),
+            metric_filter: prepared.metric_filter.clone().map(|filter| {
+                Arc::new(move |name: &str| filter.allows(name))
+                    as Arc<dyn Fn(&str) -> bool + Send + Sync>
+            }),
         },
     )
     .with_context(|| format!("admin: cannot listen on {}", prepared.admin))?;
@@ -1159,9 +1166,11 @@ fn needs_restart(old: &GatewayConfig, new: &GatewayConfig) -> Option<&'static st
         || old.pull_secrets_dir != new.pull_secrets_dir
         || old.kubernetes != new.kubernetes
         || old.plugin_limits != new.plugin_limits
+        || old.stats_matcher != new.stats_matcher
     {
         Some(
-            "module_fetch, module_cache, insecure_registries, pull_secrets_dir, kubernetes or plugin_limits",
+            "module_fetch, module_cache, insecure_registries, pull_secrets_dir, kubernetes, \
+             plugin_limits or stats_matcher",
         )
     } else {
         None

@@ -312,3 +312,57 @@ clusters:
 fn closed_address(gateway: &Running) -> std::net::SocketAddr {
     gateway.listener("closed")
 }
+
+#[test]
+fn the_stats_matcher_chooses_which_plugin_metrics_are_shown() {
+    let dir = tempfile::tempdir().unwrap();
+    let upstream = upstream(Duration::ZERO);
+    let kitchen = plugin("test_kitchen_sink");
+    let config_for = |matcher: &str| {
+        format!(
+            r#"workers: 1
+admin: 127.0.0.1:0
+{matcher}
+listeners:
+  - name: main
+    address: 127.0.0.1:0
+    http_filters:
+      - name: kitchen
+        vm_config: {{ code: {{ local: {{ filename: {wasm} }} }} }}
+    routes: [ {{ match: {{ prefix: / }}, cluster: up }} ]
+clusters:
+  - {{ name: up, endpoints: ["{upstream}"] }}
+"#,
+            wasm = kitchen.display()
+        )
+    };
+    let metrics_of = |matcher: &str| {
+        let config = write_config(&dir, &config_for(matcher));
+        let gateway = start(&["run", "--config", config.to_str().unwrap()]);
+        assert_eq!(get(gateway.listener("main"), "/", "").0, 200);
+        get(gateway.admin, "/stats/prometheus", "").1
+    };
+    let all = metrics_of("");
+    let plugin_metric_names = |text: &str| -> Vec<String> {
+        text.lines()
+            .filter(|l| l.starts_with("# TYPE kitchen"))
+            .map(|l| l.split_whitespace().nth(2).unwrap().to_owned())
+            .collect()
+    };
+    let names = plugin_metric_names(&all);
+    assert!(names.len() >= 2, "the kitchen sink defines metrics: {all}");
+    let first = names[0].clone();
+    // Only the first by its exact name; the gateway's own metrics stay.
+    let only_first = metrics_of(&format!(
+        "stats_matcher: {{ inclusion_list: {{ patterns: [ {{ exact: {first} }} ] }} }}"
+    ));
+    assert_eq!(plugin_metric_names(&only_first), vec![first.clone()]);
+    assert!(only_first.contains("wasmgate_http_responses_total"));
+    // Everything but the first.
+    let but_first = metrics_of(&format!(
+        "stats_matcher: {{ exclusion_list: {{ patterns: [ {{ safe_regex: {{ regex: '^{first}$' }} }} ] }} }}"
+    ));
+    let rest = plugin_metric_names(&but_first);
+    assert_eq!(rest.len(), names.len() - 1);
+    assert!(!rest.contains(&first));
+}

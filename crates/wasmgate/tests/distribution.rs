@@ -178,7 +178,7 @@ fn push_pull_and_serve_every_image_layout_from_a_real_registry() {
     }
     let (_, plugins) = get(gateway.admin, "/plugins", "");
     assert!(
-        plugins.contains(&module_sha) && !plugins.contains("failed"),
+        plugins.contains(&module_sha) && !plugins.contains("\"state\": \"failed\""),
         "{plugins}"
     );
     let (_, stats) = get(gateway.admin, "/stats/prometheus", "");
