@@ -1798,6 +1798,92 @@ plugins_dir: /no/plugins.d
     }
 
     #[test]
+    fn plugin_limits_are_range_checked() {
+        let limits = parse("plugin_limits: { max_memory_bytes: 1048576, max_http_calls: 3 }");
+        assert_eq!(limits.plugin_limits.max_memory_bytes, 1 << 20);
+        assert_eq!(limits.plugin_limits.max_http_calls, 3);
+        assert_eq!(
+            limits.plugin_limits.max_stack_bytes,
+            512 << 10,
+            "default kept"
+        );
+        let errs = validate_errs(
+            "plugin_limits: { max_memory_bytes: 100, max_stack_bytes: 1073741824, max_http_calls: 0, max_queue_length: 0 }",
+        );
+        assert_eq!(errs.len(), 4, "{errs:?}");
+        assert!(errs[0].contains("plugin_limits.max_memory_bytes: 100 is outside"));
+        assert!(errs[1].contains("plugin_limits.max_stack_bytes: 1073741824 is outside"));
+        assert!(errs[2].contains("plugin_limits.max_http_calls: must be at least 1"));
+        assert!(errs[3].contains("plugin_limits.max_queue_length: must be at least 1"));
+        assert!(parse_err("plugin_limits: { max_memory: 1 }").contains("max_memory"));
+    }
+
+    #[test]
+    fn stats_matchers_validate_and_match() {
+        let config = parse(
+            "stats_matcher: { inclusion_list: { patterns: [ { prefix: a_ }, { safe_regex: { regex: '^b[0-9]+$' } } ] } }",
+        );
+        let filter = config.stats_matcher.unwrap().compile().unwrap();
+        assert!(filter.allows("a_x") && filter.allows("b12"));
+        assert!(!filter.allows("b1x") && !filter.allows("c"));
+        let config =
+            parse("stats_matcher: { exclusion_list: { patterns: [ { suffix: _total } ] } }");
+        let filter = config.stats_matcher.unwrap().compile().unwrap();
+        assert!(!filter.allows("hits_total") && filter.allows("hits"));
+        let errs = validate_errs(
+            "stats_matcher:\n  inclusion_list: { patterns: [ { prefix: a, exact: b }, { safe_regex: { regex: '(' } } ] }\n  exclusion_list: { patterns: [] }",
+        );
+        assert_eq!(errs.len(), 3, "{errs:?}");
+        assert!(errs[0].contains("stats_matcher: set inclusion_list or exclusion_list, not both"));
+        assert!(errs[1].contains("stats_matcher.inclusion_list.patterns[0]: exactly one of"));
+        assert!(errs[2].contains("stats_matcher.inclusion_list.patterns[1]: safe_regex.regex:"));
+    }
+
+    #[test]
+    fn capability_restriction_and_reload_config_on_envoy_filters() {
+        let dir = tempfile::tempdir().unwrap();
+        let wasm = dir.path().join("p.wasm");
+        std::fs::write(&wasm, b"\0asm\x01\0\0\0").unwrap();
+        let text = format!(
+            "listeners:
+  - name: main
+    address: 127.0.0.1:0
+    http_filters:
+      - name: restricted
+        failure_policy: FAIL_RELOAD
+        reload_config: {{ backoff: {{ base_interval: 250ms }} }}
+        capability_restriction_config: {{ allowed_capabilities: {{ proxy_log: {{}}, fd_write: {{}} }} }}
+        vm_config: {{ code: {{ local: {{ filename: {} }} }} }}
+      - name: bad-reload
+        reload_config: {{ backoff: {{ base_interval: 2s, max_interval: 1s }} }}
+        vm_config: {{ code: {{ local: {{ filename: {} }} }} }}
+",
+            wasm.display(),
+            wasm.display()
+        );
+        let config = parse(&text);
+        let chain = config.chain_for_listener(0, &[]);
+        let restricted = &chain[0];
+        assert_eq!(
+            restricted.capabilities,
+            Some(["fd_write".to_owned(), "proxy_log".to_owned()].into())
+        );
+        assert_eq!(restricted.reload_backoff.base, Duration::from_millis(250));
+        assert_eq!(
+            restricted.reload_backoff.max,
+            Duration::from_millis(2500),
+            "ten times base"
+        );
+        assert_eq!(chain[1].capabilities, None);
+        let errs = validate_errs(&text);
+        assert_eq!(errs.len(), 2, "{errs:?}");
+        assert!(errs[0].contains("http_filters[1].reload_config.backoff.max_interval: must not be less than base_interval"));
+        assert!(errs[1].contains(
+            "http_filters[1].reload_config: only applies with failure_policy FAIL_RELOAD"
+        ));
+    }
+
+    #[test]
     fn port_zero_listeners_may_share_an_address() {
         let errs = validate_errs(
             "listeners:\n  - name: a\n    address: 127.0.0.1:0\n  - name: b\n    address: 127.0.0.1:0\n",
