@@ -84,14 +84,28 @@ impl Plugin {
         clusters: &Arc<HashSet<String>>,
     ) -> Result<(Vm, u32, SharedEffects), VmError> {
         let effects = SharedEffects::default();
+        let (vm, root) = Self::build_vm(spec, runtime, clusters, &effects, 0)?;
+        Ok((vm, root, effects))
+    }
+
+    /// A VM whose host queues its effects in `effects`, handing out context ids after
+    /// `last_context_id`.
+    fn build_vm(
+        spec: &FilterSpec,
+        runtime: &Arc<Runtime>,
+        clusters: &Arc<HashSet<String>>,
+        effects: &SharedEffects,
+        last_context_id: u32,
+    ) -> Result<(Vm, u32), VmError> {
         let host = GatewayHost {
             effects: effects.clone(),
             clusters: clusters.clone(),
             plugin: spec.name.clone(),
         };
         let mut vm = Vm::new(runtime, &spec.module, spec.vm.clone(), Box::new(host))?;
+        vm.continue_context_ids_after(last_context_id);
         let root = vm.start_plugin(spec.plugin.clone())?;
-        Ok((vm, root, effects))
+        Ok((vm, root))
     }
 
     pub fn failure(&self) -> Option<String> {
@@ -114,12 +128,19 @@ impl Plugin {
 
     /// FAIL_RELOAD: a fresh VM for this plugin. Streams still on the old VM have lost their contexts.
     fn reload(&self) -> bool {
-        match Self::new_vm(&self.spec, &self.runtime, &self.clusters) {
-            Ok((vm, root, effects)) => {
+        // The new VM's host queues into the effects the chain reads, and its context ids follow
+        // the old VM's, so streams still holding old ids never reach a new stream's context.
+        let last_context_id = self.vm.borrow().last_context_id();
+        match Self::build_vm(
+            &self.spec,
+            &self.runtime,
+            &self.clusters,
+            &self.effects,
+            last_context_id,
+        ) {
+            Ok((vm, root)) => {
                 *self.vm.borrow_mut() = vm;
                 self.root.set(root);
-                // Keep the host's effect queue: calls in flight on the old VM answer to nobody.
-                *self.effects.lock() = std::mem::take(&mut *effects.lock());
                 tracing::warn!(plugin = %self.spec.name, "reloaded the plugin's VM after a failure");
                 true
             }

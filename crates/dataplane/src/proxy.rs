@@ -25,6 +25,8 @@ pub(crate) struct ListenerState {
     pub spec: ListenerSpec,
     /// Swapped whole by a chain update; a request holds the one it started with.
     pub chain: RefCell<Rc<ActiveChain>>,
+    /// Network plugins that see the connection's bytes before the HTTP codec.
+    pub network: RefCell<Rc<crate::tcp::NetworkChain>>,
     pub upstreams: Rc<Upstreams>,
     pub stats: Arc<GatewayStats>,
 }
@@ -76,7 +78,7 @@ fn request_id() -> String {
     }
     // SplitMix64: statistically sound, and unpredictable enough for an id that is not a secret
     // (Envoy's is not either).
-    let mut next = || {
+    let next = || {
         STATE.with(|state| {
             let value = state.get().wrapping_add(0x9e37_79b9_7f4a_7c15);
             state.set(value);

@@ -20,6 +20,7 @@ use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::TcpStream;
 use tokio::sync::{Notify, watch};
 use tokio_rustls::TlsAcceptor;
+use wasmgate_abi::StreamInfo;
 use wasmgate_runtime::{Runtime, VmError};
 
 use crate::chain::Plugin;
@@ -382,12 +383,13 @@ fn run_worker(
                 states.push(Serving::Tcp(state, socket));
                 continue;
             }
-            if !listener.network_filters.is_empty() {
-                tracing::warn!(
-                    listener = %listener.name,
-                    "network filters on HTTP listeners are not supported yet; they are ignored"
-                );
-            }
+            let network = match worker.start_network_plugins(&listener.network_filters, &[]) {
+                Ok(plugins) => plugins,
+                Err(error) => {
+                    let _ = ready.send(Err(plugin_error(error)));
+                    return;
+                }
+            };
             let plugins = match worker.start_plugins(&listener.filters, &[]) {
                 Ok(plugins) => plugins,
                 Err(error) => {
@@ -400,6 +402,11 @@ fn run_worker(
                 chain: RefCell::new(Rc::new(ActiveChain {
                     plugins,
                     missing_plugins: listener.missing_plugins.clone(),
+                })),
+                network: RefCell::new(Rc::new(NetworkChain {
+                    plugins: network,
+                    // A missing network plugin denies through the HTTP chain's list.
+                    missing_plugins: Vec::new(),
                 })),
                 upstreams: upstreams.clone(),
                 stats: stats.clone(),
@@ -415,6 +422,9 @@ fn run_worker(
             match serving {
                 Serving::Http(state, socket, acceptor) => {
                     for plugin in &state.chain.borrow().plugins {
+                        worker.spawn_timers(plugin);
+                    }
+                    for plugin in &state.network.borrow().plugins {
                         worker.spawn_timers(plugin);
                     }
                     loops.push(tokio::task::spawn_local(accept_loop(
@@ -542,7 +552,7 @@ async fn connection(
 ) {
     let _active = ActiveConnection::new(state.stats.clone());
     let Some(acceptor) = tls else {
-        return serve(state, &builder, &graceful, TokioIo::new(stream), conn).await;
+        return serve_filtered(state, &builder, &graceful, stream, conn).await;
     };
     let limit = state.spec.limits.header_read_timeout;
     let stream = match tokio::time::timeout(limit, acceptor.accept(stream)).await {
@@ -566,7 +576,37 @@ async fn connection(
     conn.scheme = "https";
     conn.tls_version = session.protocol_version().map(tls::version_name);
     conn.requested_server_name = session.server_name().map(str::to_owned);
-    serve(state, &builder, &graceful, TokioIo::new(stream), conn).await;
+    serve_filtered(state, &builder, &graceful, stream, conn).await;
+}
+
+/// Serves HTTP on `stream`, through the listener's network plugins when it has any.
+async fn serve_filtered<I>(
+    state: Rc<ListenerState>,
+    builder: &auto::Builder<LocalExec>,
+    graceful: &Weak<GracefulShutdown>,
+    stream: I,
+    conn: ConnInfo,
+) where
+    I: AsyncRead + AsyncWrite + Unpin + 'static,
+{
+    let network = state.network.borrow().clone();
+    if network.plugins.is_empty() {
+        return serve(state, builder, graceful, TokioIo::new(stream), conn).await;
+    }
+    let info = StreamInfo {
+        source: Some(conn.remote),
+        destination: Some(conn.local),
+        connection_id: Some(conn.id),
+        tls_version: conn.tls_version.clone(),
+        requested_server_name: conn.requested_server_name.clone(),
+        start_time: Some(std::time::SystemTime::now()),
+        listener_name: Some(state.spec.name.clone()),
+        ..Default::default()
+    };
+    let Some(pipe) = tcp::filter_before_http(&network, stream, info, &state.spec) else {
+        return;
+    };
+    serve(state, builder, graceful, TokioIo::new(pipe), conn).await;
 }
 
 async fn serve<I>(
@@ -732,11 +772,15 @@ async fn apply_commands(
                 missing_plugins,
                 done,
             } => {
-                let Some(Listener::Tcp(state)) = listeners.get(listener) else {
-                    let _ = done.send(Err(StartError::UnknownListener(listener.to_string())));
-                    continue;
+                let (name, slot) = match listeners.get(listener) {
+                    Some(Listener::Tcp(state)) => (&state.spec.name, &state.chain),
+                    Some(Listener::Http(state)) => (&state.spec.name, &state.network),
+                    None => {
+                        let _ = done.send(Err(StartError::UnknownListener(listener.to_string())));
+                        continue;
+                    }
                 };
-                let current = state.chain.borrow().clone();
+                let current = slot.borrow().clone();
                 let outcome = match worker.start_network_plugins(&filters, &current.plugins) {
                     Ok(plugins) => {
                         for plugin in &plugins {
@@ -744,14 +788,14 @@ async fn apply_commands(
                                 worker.spawn_timers(plugin);
                             }
                         }
-                        *state.chain.borrow_mut() = Rc::new(NetworkChain {
+                        *slot.borrow_mut() = Rc::new(NetworkChain {
                             plugins,
                             missing_plugins,
                         });
                         Ok(())
                     }
                     Err((plugin, error)) => Err(StartError::Plugin {
-                        listener: state.spec.name.clone(),
+                        listener: name.clone(),
                         plugin,
                         error: Box::new(error),
                     }),

@@ -25,7 +25,6 @@ use std::time::{Duration, SystemTime};
 
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::TcpStream;
-use tokio::net::tcp::OwnedWriteHalf;
 use tokio::sync::{Notify, watch};
 use wasmgate_abi::{Action, PeerType, StreamInfo, StreamType};
 use wasmgate_runtime::{CallOutcome, Runtime, Vm, VmError};
@@ -93,14 +92,28 @@ impl NetworkPlugin {
         clusters: &Arc<HashSet<String>>,
     ) -> Result<(Vm, u32, SharedEffects), VmError> {
         let effects = SharedEffects::default();
+        let (vm, root) = Self::build_vm(spec, runtime, clusters, &effects, 0)?;
+        Ok((vm, root, effects))
+    }
+
+    /// A VM whose host queues its effects in `effects`, handing out context ids after
+    /// `last_context_id`.
+    fn build_vm(
+        spec: &FilterSpec,
+        runtime: &Arc<Runtime>,
+        clusters: &Arc<HashSet<String>>,
+        effects: &SharedEffects,
+        last_context_id: u32,
+    ) -> Result<(Vm, u32), VmError> {
         let host = GatewayHost {
             effects: effects.clone(),
             clusters: clusters.clone(),
             plugin: spec.name.clone(),
         };
         let mut vm = Vm::new(runtime, &spec.module, spec.vm.clone(), Box::new(host))?;
+        vm.continue_context_ids_after(last_context_id);
         let root = vm.start_plugin(spec.plugin.clone())?;
-        Ok((vm, root, effects))
+        Ok((vm, root))
     }
 
     pub fn failure(&self) -> Option<String> {
@@ -123,11 +136,19 @@ impl NetworkPlugin {
 
     /// FAIL_RELOAD: a fresh VM. Connections still on the old VM have lost their contexts.
     fn reload(&self) -> bool {
-        match Self::new_vm(&self.spec, &self.runtime, &self.clusters) {
-            Ok((vm, root, effects)) => {
+        // The new VM's host queues into the effects the chain reads, and its context ids follow
+        // the old VM's, so streams still holding old ids never reach a new stream's context.
+        let last_context_id = self.vm.borrow().last_context_id();
+        match Self::build_vm(
+            &self.spec,
+            &self.runtime,
+            &self.clusters,
+            &self.effects,
+            last_context_id,
+        ) {
+            Ok((vm, root)) => {
                 *self.vm.borrow_mut() = vm;
                 self.root.set(root);
-                *self.effects.lock() = std::mem::take(&mut *effects.lock());
                 tracing::warn!(plugin = %self.spec.name, "reloaded the network plugin's VM after a failure");
                 true
             }
@@ -929,14 +950,77 @@ pub(crate) async fn connection(
     proxy
         .pump(
             &mut chain,
-            downstream,
-            upstream,
+            split_tcp(downstream),
+            split_tcp(upstream),
             initial,
             limits.idle_timeout,
             shutdown,
         )
         .await;
     proxy.finish(&mut chain);
+}
+
+/// A connection's read and write halves: a socket's, or an in-memory pipe's.
+type Split = (Box<dyn AsyncRead + Unpin>, Box<dyn AsyncWrite + Unpin>);
+
+fn split_tcp(stream: TcpStream) -> Split {
+    let (read, write) = stream.into_split();
+    (Box::new(read), Box::new(write))
+}
+
+fn split_io<S: AsyncRead + AsyncWrite + Unpin + 'static>(stream: S) -> Split {
+    let (read, write) = tokio::io::split(stream);
+    (Box::new(read), Box::new(write))
+}
+
+/// Network plugins on an HTTP listener, before the HTTP codec as Istio places them: the
+/// connection's bytes (after TLS, as Envoy's transport socket decrypts first) pass the network
+/// chain, and the HTTP server reads the other end of an in-memory pipe, which plays the upstream.
+/// `None` when the chain refuses the connection (a failed FAIL_CLOSED plugin).
+pub(crate) fn filter_before_http<S>(
+    chain: &NetworkChain,
+    downstream: S,
+    info: StreamInfo,
+    spec: &ListenerSpec,
+) -> Option<tokio::io::DuplexStream>
+where
+    S: AsyncRead + AsyncWrite + Unpin + 'static,
+{
+    let limits = &spec.limits;
+    let mut chain = match TcpChain::new(&chain.plugins, &info, limits.per_stream_buffer_limit) {
+        Ok(chain) => chain,
+        Err(close) => {
+            tracing::debug!(listener = %spec.name, "closing a connection: {}", close.0);
+            return None;
+        }
+    };
+    let (http_side, chain_side) = tokio::io::duplex(READ_CHUNK * 4);
+    let idle_timeout = limits.idle_timeout;
+    tokio::task::spawn_local(async move {
+        // The HTTP server drains its requests on shutdown and then closes the pipe, which ends
+        // this task; a shutdown signal here would cut those requests short.
+        let (_keep_open, no_shutdown) = watch::channel(false);
+        let mut proxy = Proxy {
+            downstream_peer: PeerType::Local,
+            upstream_closed: None,
+        };
+        if let Err(close) = chain.new_connection(idle_timeout).await {
+            tracing::debug!("closing a connection: {}", close.0);
+            return proxy.finish(&mut chain);
+        }
+        proxy
+            .pump(
+                &mut chain,
+                split_io(downstream),
+                split_io(chain_side),
+                Vec::new(),
+                idle_timeout,
+                no_shutdown,
+            )
+            .await;
+        proxy.finish(&mut chain);
+    });
+    Some(http_side)
 }
 
 struct Proxy {
@@ -948,7 +1032,7 @@ struct Proxy {
 
 /// One side's write half and what waits to be written to it.
 struct Outbox {
-    writer: Option<OwnedWriteHalf>,
+    writer: Option<Box<dyn AsyncWrite + Unpin>>,
     pending: Vec<u8>,
     /// End of stream passed the chain: half-close once `pending` is written.
     eos: bool,
@@ -957,7 +1041,7 @@ struct Outbox {
 }
 
 impl Outbox {
-    fn new(writer: OwnedWriteHalf) -> Self {
+    fn new(writer: Box<dyn AsyncWrite + Unpin>) -> Self {
         Self {
             writer: Some(writer),
             pending: Vec::new(),
@@ -1016,15 +1100,15 @@ impl Proxy {
     async fn pump(
         &mut self,
         chain: &mut TcpChain,
-        downstream: TcpStream,
-        upstream: TcpStream,
+        downstream: Split,
+        upstream: Split,
         initial: Vec<u8>,
         idle_timeout: Duration,
         mut shutdown: watch::Receiver<bool>,
     ) {
         let plugins = chain.plugins();
-        let (mut down_read, down_write) = downstream.into_split();
-        let (mut up_read, up_write) = upstream.into_split();
+        let (mut down_read, down_write) = downstream;
+        let (mut up_read, up_write) = upstream;
         // Indexed by the side the bytes go to.
         let mut to_down = Outbox::new(down_write);
         let mut to_up = Outbox::new(up_write);

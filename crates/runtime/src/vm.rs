@@ -819,6 +819,19 @@ impl Vm {
 
     // === internals ===
 
+    /// The last context id this VM handed out.
+    pub fn last_context_id(&self) -> u32 {
+        self.store.data().next_context_id
+    }
+
+    /// Makes this VM's context ids start after `last`. A VM that replaces a failed one
+    /// (FAIL_RELOAD) must not hand out ids that streams of the old VM still hold: their calls
+    /// would land on a stranger's context.
+    pub fn continue_context_ids_after(&mut self, last: u32) {
+        let state = self.store.data_mut();
+        state.next_context_id = state.next_context_id.max(last);
+    }
+
     fn new_context_id(&mut self) -> u32 {
         let state = self.store.data_mut();
         state.next_context_id += 1;

@@ -1136,8 +1136,9 @@ fn swap_chains(
     if tcp_proxy {
         gateway.update_network_chain(listener, network, missing)
     } else {
-        // Network plugins on HTTP listeners are not run yet (the data plane warns at start); a
-        // missing FAIL_CLOSE one still denies.
+        // Network plugins on an HTTP listener run before its HTTP codec; a missing FAIL_CLOSE
+        // one denies through the HTTP chain's list.
+        gateway.update_network_chain(listener, network, Vec::new())?;
         gateway.update_chain(listener, filters, missing)
     }
 }

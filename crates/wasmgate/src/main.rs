@@ -4,6 +4,7 @@ mod distribution;
 mod gateway;
 mod plugin_run;
 mod quickstart;
+mod scaffold;
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -59,6 +60,10 @@ enum Command {
 
 #[derive(Subcommand)]
 enum PluginCommand {
+    /// Create a plugin project (Rust or AssemblyScript) that builds to a .wasm out of the box.
+    New(scaffold::NewArgs),
+    /// Build a plugin project to its .wasm; print its path, size and sha256.
+    Build(scaffold::BuildArgs),
     /// Run one request through a plugin in-process and show what the plugin changed.
     Run(Box<plugin_run::RunArgs>),
     /// Show a module's ABI version, callbacks and imports.
@@ -106,6 +111,12 @@ fn main() -> ExitCode {
             admin,
         } => run(config, listen, admin, filter),
         Command::Validate { files } => validate(&files),
+        Command::Plugin {
+            command: PluginCommand::New(args),
+        } => scaffold::new(args),
+        Command::Plugin {
+            command: PluginCommand::Build(args),
+        } => scaffold::build(args),
         Command::Plugin {
             command: PluginCommand::Run(args),
         } => plugin_run::run(*args),

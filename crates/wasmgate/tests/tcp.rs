@@ -107,3 +107,83 @@ clusters:
         "the counter plugin's metrics are exposed: {stats}"
     );
 }
+
+/// Network plugins on an HTTP listener run on the connection's bytes before the HTTP codec, as
+/// Istio places them: a counter sees the request and response bytes, and a plugin that closes the
+/// connection on a banned word stops a request carrying it before any HTTP handling.
+#[test]
+fn network_plugins_on_an_http_listener_see_the_bytes_before_the_http_codec() {
+    let upstream = upstream(Duration::ZERO);
+    let dir = tempfile::tempdir().unwrap();
+    let counter = plugin("test_tcp_counter");
+    let banned = plugin("test_tcp_banned");
+    let add_header = plugin("add_header");
+    let yaml = format!(
+        r#"workers: 1
+admin: 127.0.0.1:0
+listeners:
+  - name: web
+    address: 127.0.0.1:0
+    network_filters:
+      - name: counter
+        vm_config: {{ code: {{ local: {{ filename: {counter} }} }} }}
+      - name: banned
+        vm_config: {{ code: {{ local: {{ filename: {banned} }} }} }}
+    http_filters:
+      - name: add-header
+        configuration: {{ name: x-http-plugin, value: ran, side: response }}
+        vm_config: {{ code: {{ local: {{ filename: {add_header} }} }} }}
+    routes: [ {{ match: {{ prefix: / }}, cluster: up }} ]
+clusters:
+  - {{ name: up, endpoints: ["{upstream}"] }}
+"#,
+        counter = counter.display(),
+        banned = banned.display(),
+        add_header = add_header.display()
+    );
+    let config = dir.path().join("gateway.yaml");
+    std::fs::write(&config, yaml).unwrap();
+    let gateway = start(&["run", "--config", config.to_str().unwrap()]);
+    let web = gateway.listener("web");
+
+    let (status, answer) = get(web, "/hello", "");
+    assert_eq!(status, 200, "{answer}");
+    assert!(answer.contains("x-http-plugin: ran"), "{answer}");
+    assert!(answer.contains("upstream says hi"), "{answer}");
+
+    // The counter saw the request's bytes downstream and the response's bytes upstream.
+    let counter_value = |name: &str| -> u64 {
+        let (_, metrics) = get(gateway.admin, "/stats/prometheus", "");
+        metrics
+            .lines()
+            .find_map(|l| l.strip_prefix(&format!("{name} ")))
+            .and_then(|v| v.trim().parse().ok())
+            .unwrap_or(0)
+    };
+    assert!(eventually(Duration::from_secs(5), || {
+        counter_value("tcp_counter_done") >= 1
+    }));
+    let request_len = "GET /hello HTTP/1.1\r\nhost: localhost\r\nconnection: close\r\n\r\n".len();
+    assert_eq!(counter_value("tcp_counter_connections"), 1);
+    assert_eq!(
+        counter_value("tcp_counter_downstream_bytes"),
+        request_len as u64
+    );
+    let response_len = answer.len() as u64;
+    assert_eq!(counter_value("tcp_counter_upstream_bytes"), response_len);
+
+    // A banned word in the request: the network plugin closes the connection, no HTTP answer.
+    let mut stream = TcpStream::connect(web).unwrap();
+    stream
+        .set_read_timeout(Some(Duration::from_secs(10)))
+        .unwrap();
+    stream
+        .write_all(b"GET /forbidden HTTP/1.1\r\nhost: localhost\r\nconnection: close\r\n\r\n")
+        .unwrap();
+    let mut answer = Vec::new();
+    let _ = stream.read_to_end(&mut answer);
+    assert!(answer.is_empty(), "{}", String::from_utf8_lossy(&answer));
+
+    // The listener still serves.
+    assert_eq!(get(web, "/again", "").0, 200);
+}

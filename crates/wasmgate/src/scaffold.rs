@@ -1,0 +1,364 @@
+//! `wasmgate plugin new` and `plugin build`: start a plugin project from a template, build it to a
+//! `.wasm` module, and optionally write that module as an OCI image layout.
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, ExitCode};
+
+use anyhow::{Context, bail};
+use clap::{Args, ValueEnum};
+use wasmgate_fetch::cache::sha256_hex;
+use wasmgate_fetch::oci::{OCI_MANIFEST, WASM_CONFIG, WASM_LAYER};
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum Lang {
+    /// Rust with the proxy-wasm crate (needs cargo and the wasm32-wasip1 target).
+    Rust,
+    /// AssemblyScript with @solo-io/proxy-runtime (needs Node.js and npm).
+    #[value(alias = "as")]
+    Assemblyscript,
+    /// C++ (not templated yet).
+    Cpp,
+    /// TinyGo (not templated yet).
+    Tinygo,
+}
+
+#[derive(Args, Debug)]
+pub struct NewArgs {
+    /// The project name (letters, digits, `-`, `_`); also the folder created.
+    name: String,
+    /// The language of the project.
+    #[arg(long, value_enum)]
+    lang: Lang,
+    /// Where to create the project folder (default: the current folder).
+    #[arg(long, value_name = "PARENT", default_value = ".")]
+    dir: PathBuf,
+}
+
+#[derive(Args, Debug)]
+pub struct BuildArgs {
+    /// The project folder (default: the current folder).
+    #[arg(default_value = ".")]
+    dir: PathBuf,
+    /// Also write the module as an OCI image layout (a Wasm artifact image) into this folder.
+    #[arg(long, value_name = "OUTDIR")]
+    oci: Option<PathBuf>,
+}
+
+const RUST_CARGO_TOML: &str = include_str!("../templates/rust/Cargo.toml");
+const RUST_LIB_RS: &str = include_str!("../templates/rust/lib.rs");
+const RUST_README: &str = include_str!("../templates/rust/README.md");
+const RUST_GATEWAY: &str = include_str!("../templates/rust/gateway.yaml");
+const RUST_GITIGNORE: &str = include_str!("../templates/rust/gitignore");
+const AS_PACKAGE_JSON: &str = include_str!("../templates/assemblyscript/package.json");
+const AS_INDEX_TS: &str = include_str!("../templates/assemblyscript/index.ts");
+const AS_TSCONFIG: &str = include_str!("../templates/assemblyscript/tsconfig.json");
+const AS_README: &str = include_str!("../templates/assemblyscript/README.md");
+const AS_GATEWAY: &str = include_str!("../templates/assemblyscript/gateway.yaml");
+const AS_GITIGNORE: &str = include_str!("../templates/assemblyscript/gitignore");
+
+/// The module an AssemblyScript project builds (its package.json `asbuild` script).
+const AS_MODULE: &str = "build/plugin.wasm";
+const RUST_TARGET: &str = "wasm32-wasip1";
+
+fn check_name(name: &str) -> anyhow::Result<()> {
+    if name.is_empty()
+        || !name
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_')
+    {
+        bail!("invalid plugin name {name:?}: use only ASCII letters, digits, '-' and '_'");
+    }
+    if !name.starts_with(|c: char| c.is_ascii_alphabetic()) {
+        bail!("invalid plugin name {name:?}: it must start with a letter");
+    }
+    Ok(())
+}
+
+/// The files of a new project, as (relative path, contents).
+fn project_files(name: &str, lang: Lang) -> anyhow::Result<Vec<(&'static str, String)>> {
+    let fill = |template: &str, module: &str| {
+        template
+            .replace("{{module}}", module)
+            .replace("{{name}}", name)
+    };
+    match lang {
+        Lang::Rust => {
+            let module = format!(
+                "target/{RUST_TARGET}/release/{}.wasm",
+                name.replace('-', "_")
+            );
+            Ok(vec![
+                ("Cargo.toml", fill(RUST_CARGO_TOML, &module)),
+                ("src/lib.rs", fill(RUST_LIB_RS, &module)),
+                ("README.md", fill(RUST_README, &module)),
+                ("gateway.yaml", fill(RUST_GATEWAY, &module)),
+                (".gitignore", fill(RUST_GITIGNORE, &module)),
+            ])
+        }
+        Lang::Assemblyscript => Ok(vec![
+            ("package.json", fill(AS_PACKAGE_JSON, AS_MODULE)),
+            ("assembly/index.ts", fill(AS_INDEX_TS, AS_MODULE)),
+            ("assembly/tsconfig.json", fill(AS_TSCONFIG, AS_MODULE)),
+            ("README.md", fill(AS_README, AS_MODULE)),
+            ("gateway.yaml", fill(AS_GATEWAY, AS_MODULE)),
+            (".gitignore", fill(AS_GITIGNORE, AS_MODULE)),
+        ]),
+        Lang::Cpp => bail!(
+            "--lang cpp has no template yet: a C++ plugin needs Emscripten (emcc) and \
+             proxy-wasm-cpp-sdk (https://github.com/proxy-wasm/proxy-wasm-cpp-sdk); \
+             use --lang rust or --lang assemblyscript, or start from that SDK's examples"
+        ),
+        Lang::Tinygo => bail!(
+            "--lang tinygo has no template yet: a Go plugin needs TinyGo and a Go Proxy-Wasm SDK \
+             (https://github.com/proxy-wasm/proxy-wasm-go-sdk); use --lang rust or \
+             --lang assemblyscript, or start from that SDK's examples"
+        ),
+    }
+}
+
+/// `wasmgate plugin new NAME --lang L [--dir PARENT]`.
+pub fn new(args: NewArgs) -> anyhow::Result<ExitCode> {
+    check_name(&args.name)?;
+    let files = project_files(&args.name, args.lang)?;
+    let root = args.dir.join(&args.name);
+    if root.symlink_metadata().is_ok() {
+        bail!(
+            "{} already exists; not overwriting it (pick another name or --dir)",
+            root.display()
+        );
+    }
+    if !args.dir.is_dir() {
+        bail!("--dir {}: no such folder", args.dir.display());
+    }
+    std::fs::create_dir(&root).with_context(|| format!("creating {}", root.display()))?;
+    for (relative, contents) in &files {
+        let path = root.join(relative);
+        if let Some(parent) = path.parent() {
+            std::fs::create_dir_all(parent)
+                .with_context(|| format!("creating {}", parent.display()))?;
+        }
+        std::fs::write(&path, contents).with_context(|| format!("writing {}", path.display()))?;
+    }
+    println!("created {}", root.display());
+    for (relative, _) in &files {
+        println!("  {relative}");
+    }
+    println!("next: wasmgate plugin build {}", root.display());
+    Ok(ExitCode::SUCCESS)
+}
+
+/// The `name` in a TOML `[section]` of a Cargo.toml, by plain line reading.
+fn toml_name(manifest: &str, section: &str) -> Option<String> {
+    let mut current = "";
+    for line in manifest.lines() {
+        let line = line.trim();
+        if line.starts_with('[') {
+            current = line;
+            continue;
+        }
+        if current == section
+            && let Some((key, value)) = line.split_once('=')
+            && key.trim() == "name"
+        {
+            let value = value.split('#').next().unwrap_or("").trim();
+            return Some(value.trim_matches(|c| c == '"' || c == '\'').to_owned());
+        }
+    }
+    None
+}
+
+/// The library's file stem: `[lib] name`, else the package name with `-` as `_`.
+fn rust_artifact_name(manifest: &str) -> anyhow::Result<String> {
+    if let Some(name) = toml_name(manifest, "[lib]") {
+        return Ok(name);
+    }
+    let package = toml_name(manifest, "[package]")
+        .context("Cargo.toml has no [package] name (a workspace root is not a plugin project)")?;
+    Ok(package.replace('-', "_"))
+}
+
+fn run(command: &mut Command, what: &str) -> anyhow::Result<()> {
+    let status = command
+        .status()
+        .with_context(|| format!("cannot start {what} (is it installed and on PATH?)"))?;
+    if !status.success() {
+        bail!("{what} failed ({status})");
+    }
+    Ok(())
+}
+
+fn ensure_rust_target() -> anyhow::Result<()> {
+    let Ok(output) = Command::new("rustup")
+        .args(["target", "list", "--installed"])
+        .output()
+    else {
+        // No rustup: let cargo report a missing target itself.
+        return Ok(());
+    };
+    let installed = String::from_utf8_lossy(&output.stdout);
+    if output.status.success() && !installed.lines().any(|l| l.trim() == RUST_TARGET) {
+        eprintln!("installing the {RUST_TARGET} target: rustup target add {RUST_TARGET}");
+        run(
+            Command::new("rustup").args(["target", "add", RUST_TARGET]),
+            "rustup target add",
+        )?;
+    }
+    Ok(())
+}
+
+fn build_rust(dir: &Path) -> anyhow::Result<PathBuf> {
+    let manifest = std::fs::read_to_string(dir.join("Cargo.toml"))
+        .with_context(|| format!("reading {}", dir.join("Cargo.toml").display()))?;
+    let artifact = rust_artifact_name(&manifest)?;
+    ensure_rust_target()?;
+    let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
+    run(
+        Command::new(cargo)
+            .current_dir(dir)
+            .args(["build", "--release", "--target", RUST_TARGET]),
+        "cargo build --release --target wasm32-wasip1",
+    )?;
+    let target_dir = match std::env::var_os("CARGO_TARGET_DIR") {
+        Some(target) => dir.join(target),
+        None => dir.join("target"),
+    };
+    Ok(target_dir
+        .join(RUST_TARGET)
+        .join("release")
+        .join(format!("{artifact}.wasm")))
+}
+
+fn build_assemblyscript(dir: &Path) -> anyhow::Result<PathBuf> {
+    if !dir.join("node_modules").exists() {
+        run(
+            Command::new("npm")
+                .current_dir(dir)
+                .args(["install", "--no-audit", "--no-fund"]),
+            "npm install",
+        )?;
+    }
+    run(
+        Command::new("npx").current_dir(dir).args([
+            "asc",
+            "assembly/index.ts",
+            "-b",
+            AS_MODULE,
+            "--use",
+            "abort=abort_proc_exit",
+            "--optimize",
+        ]),
+        "npx asc",
+    )?;
+    Ok(dir.join(AS_MODULE))
+}
+
+/// `wasmgate plugin build [DIR] [--oci OUTDIR]`.
+pub fn build(args: BuildArgs) -> anyhow::Result<ExitCode> {
+    let dir = &args.dir;
+    let package_json = dir.join("package.json");
+    let module = if dir.join("Cargo.toml").is_file() {
+        build_rust(dir)?
+    } else if package_json.is_file() {
+        let text = std::fs::read_to_string(&package_json)
+            .with_context(|| format!("reading {}", package_json.display()))?;
+        if !text.contains("\"assemblyscript\"") {
+            bail!(
+                "{}: not an AssemblyScript project (no assemblyscript dependency)",
+                package_json.display()
+            );
+        }
+        build_assemblyscript(dir)?
+    } else {
+        bail!(
+            "{}: no Cargo.toml or package.json; `wasmgate plugin build` knows Rust and \
+             AssemblyScript projects (see `wasmgate plugin new`)",
+            dir.display()
+        );
+    };
+    let bytes = std::fs::read(&module)
+        .with_context(|| format!("the build did not produce {}", module.display()))?;
+    if !wasmgate_fetch::unbox::is_wasm(&bytes) {
+        bail!("{} is not a WebAssembly module", module.display());
+    }
+    let module = std::fs::canonicalize(&module).unwrap_or(module);
+    let sha256 = sha256_hex(&bytes);
+    println!("module: {}", module.display());
+    println!("size:   {} bytes", bytes.len());
+    println!("sha256: {sha256}");
+    if let Some(out) = &args.oci {
+        let digest = write_oci_layout(out, &bytes)?;
+        println!("oci:    {} (manifest {digest})", out.display());
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+fn descriptor(media_type: &str, data: &[u8], title: Option<&str>) -> serde_json::Value {
+    let mut descriptor = serde_json::json!({
+        "mediaType": media_type,
+        "digest": format!("sha256:{}", sha256_hex(data)),
+        "size": data.len(),
+    });
+    if let Some(title) = title {
+        descriptor["annotations"] = serde_json::json!({ "org.opencontainers.image.title": title });
+    }
+    descriptor
+}
+
+fn write_blob(blobs: &Path, data: &[u8]) -> anyhow::Result<()> {
+    let path = blobs.join(sha256_hex(data));
+    std::fs::write(&path, data).with_context(|| format!("writing {}", path.display()))
+}
+
+/// Writes `module` as an OCI image layout holding one Wasm artifact image (the layout
+/// `plugin push --variant artifact` sends), tagged `latest`. Returns the manifest digest.
+pub fn write_oci_layout(out: &Path, module: &[u8]) -> anyhow::Result<String> {
+    let blobs = out.join("blobs/sha256");
+    std::fs::create_dir_all(&blobs).with_context(|| format!("creating {}", blobs.display()))?;
+    let config = serde_json::to_vec(&serde_json::json!({
+        "type": "envoy_proxy",
+        "abiVersions": ["v0.2.1"],
+        "config": { "root_ids": [] },
+    }))?;
+    let config_descriptor = descriptor(WASM_CONFIG, &config, Some("runtime-config.json"));
+    let manifest = serde_json::to_vec(&serde_json::json!({
+        "schemaVersion": 2,
+        "mediaType": OCI_MANIFEST,
+        "config": config_descriptor,
+        "layers": [config_descriptor, descriptor(WASM_LAYER, module, Some("plugin.wasm"))],
+    }))?;
+    write_blob(&blobs, &config)?;
+    write_blob(&blobs, module)?;
+    write_blob(&blobs, &manifest)?;
+    let mut manifest_descriptor = descriptor(OCI_MANIFEST, &manifest, None);
+    manifest_descriptor["annotations"] =
+        serde_json::json!({ "org.opencontainers.image.ref.name": "latest" });
+    let index = serde_json::json!({
+        "schemaVersion": 2,
+        "mediaType": "application/vnd.oci.image.index.v1+json",
+        "manifests": [manifest_descriptor],
+    });
+    std::fs::write(out.join("oci-layout"), br#"{"imageLayoutVersion":"1.0.0"}"#)?;
+    std::fs::write(out.join("index.json"), serde_json::to_vec_pretty(&index)?)?;
+    Ok(format!("sha256:{}", sha256_hex(&manifest)))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn names() {
+        assert!(check_name("demo-1_x").is_ok());
+        for bad in ["", "a b", "../x", "x/y", "1abc", "-x", "é"] {
+            assert!(check_name(bad).is_err(), "{bad:?}");
+        }
+    }
+
+    #[test]
+    fn artifact_names() {
+        let manifest = "[package]\nname = \"my-plugin\" # x\n[dependencies]\nname = \"no\"\n";
+        assert_eq!(rust_artifact_name(manifest).unwrap(), "my_plugin");
+        let manifest = "[package]\nname = \"my-plugin\"\n[lib]\nname = \"other\"\n";
+        assert_eq!(rust_artifact_name(manifest).unwrap(), "other");
+    }
+}
