@@ -285,3 +285,38 @@ pub fn sha256_hex(bytes: &[u8]) -> String {
     use sha2::Digest;
     hex::encode(sha2::Sha256::digest(bytes))
 }
+
+/// As [`start`], with the process's stderr written to the file `log` instead of echoed: for
+/// gateways that log more than a test's output should hold (trap backtraces, log floods), and
+/// whose log the test reads back. Nothing reads a pipe here, so a chatty gateway never blocks
+/// on a full one.
+pub fn start_logging_to(command: &mut Command, log: &std::path::Path) -> Running {
+    let file = std::fs::File::create(log).unwrap();
+    let mut child = command.stdout(Stdio::piped()).stderr(file).spawn().unwrap();
+    let stdout = child.stdout.take().unwrap();
+    let mut lines = BufReader::new(stdout).lines();
+    let mut listeners = Vec::new();
+    let admin = loop {
+        let Some(Ok(line)) = lines.next() else {
+            let _ = child.kill();
+            let _ = child.wait();
+            panic!(
+                "wasmgate exited before printing its addresses; its log:\n{}",
+                std::fs::read_to_string(log).unwrap_or_default()
+            );
+        };
+        if let Some(rest) = line.strip_prefix("listener ") {
+            let (name, address) = rest.split_once(" on ").unwrap();
+            listeners.push((name.to_owned(), address.parse().unwrap()));
+        } else if let Some(address) = line.strip_prefix("admin on ") {
+            break address.parse().unwrap();
+        }
+    };
+    std::thread::spawn(move || for _ in lines {});
+    Running {
+        child,
+        listeners,
+        admin,
+        stderr: Arc::default(),
+    }
+}
