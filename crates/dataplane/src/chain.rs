@@ -394,9 +394,19 @@ pub(crate) enum Halt {
     },
     /// The gateway answers itself (503 for a failed plugin, 413/500 over the buffer limit...).
     Status { code: u16, details: &'static str },
+    /// A plugin closed the stream (`proxy_close_stream`): it is reset, as Envoy resets it, with
+    /// no response (HTTP/1.1 closes the connection, HTTP/2 resets the stream).
+    Reset,
 }
 
 pub(crate) type Flow<T> = Result<T, Halt>;
+
+/// Whether the plugin closed the stream (either direction: Envoy resets the whole stream).
+fn take_close(effects: &mut crate::host::Effects, context: u32) -> bool {
+    let request = effects.closed.remove(&(context, StreamType::HttpRequest));
+    let response = effects.closed.remove(&(context, StreamType::HttpResponse));
+    request || response
+}
 
 struct Stage {
     plugin: Rc<Plugin>,
@@ -570,6 +580,9 @@ impl Chain {
                 from: index,
             });
         }
+        if !effects.closed.is_empty() && take_close(&mut effects, context) {
+            return Err(Halt::Reset);
+        }
         if action.is_continue() && !effects.continued.is_empty() {
             // A continue given while the stream was not paused means nothing later.
             effects.continued.remove(&(context, direction.stream()));
@@ -596,6 +609,9 @@ impl Chain {
                         response,
                         from: index,
                     });
+                }
+                if take_close(&mut effects, context) {
+                    return Err(Halt::Reset);
                 }
                 if effects.continued.remove(&(context, direction.stream())) {
                     return Ok(());
@@ -814,12 +830,12 @@ impl Chain {
                 if let Err(error) = result {
                     tracing::debug!(plugin = %stage.plugin.spec.name, "finishing a stream: {error}");
                 }
-                stage
-                    .plugin
-                    .effects
-                    .lock()
-                    .continued
-                    .retain(|(c, _)| *c != context);
+                // What the plugin asked for too late to act on (a continue, a reply or a close
+                // from `on_log`, say) goes with the stream.
+                let mut effects = stage.plugin.effects.lock();
+                effects.continued.retain(|(c, _)| *c != context);
+                effects.closed.retain(|(c, _)| *c != context);
+                effects.local_replies.remove(&context);
             }
         }
     }

@@ -1,7 +1,6 @@
 //! One request through a listener: the filter chain, the route, the upstream, and back.
 
 use std::cell::RefCell;
-use std::convert::Infallible;
 use std::rc::Rc;
 use std::sync::Arc;
 use std::time::{Instant, SystemTime};
@@ -54,13 +53,39 @@ pub(crate) async fn handle(
     listener: Rc<ListenerState>,
     conn: Rc<ConnInfo>,
     request: Request<Incoming>,
-) -> Result<Response<GatewayBody>, Infallible> {
+) -> Result<Response<GatewayBody>, StreamReset> {
     let started = Instant::now();
     let response = proxy(&listener, &conn, request).await;
+    if response.extensions().get::<ResetMarker>().is_some() {
+        return Err(StreamReset);
+    }
     listener
         .stats
         .record_response(response.status().as_u16(), started.elapsed());
     Ok(response)
+}
+
+/// Marks the response that stands for a reset stream; [`handle`] turns it into [`StreamReset`].
+#[derive(Clone, Copy)]
+struct ResetMarker;
+
+/// A stream a plugin closed (`proxy_close_stream`): hyper closes the HTTP/1.1 connection or
+/// resets the HTTP/2 stream, with no response, as Envoy resets it.
+#[derive(Debug)]
+pub(crate) struct StreamReset;
+
+impl std::fmt::Display for StreamReset {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("a plugin closed the stream")
+    }
+}
+
+impl std::error::Error for StreamReset {}
+
+fn reset() -> Response<GatewayBody> {
+    let mut response = Response::new(GatewayBody::full(Vec::new()));
+    response.extensions_mut().insert(ResetMarker);
+    response
 }
 
 /// A random version-4 UUID, as Envoy's `x-request-id`. From a per-thread generator seeded once from
@@ -697,6 +722,7 @@ fn gateway_status(halt: Halt) -> Response<GatewayBody> {
     let (code, details) = match halt {
         Halt::Status { code, details } => (code, details),
         Halt::Reply { response, .. } => return response_halt(Halt::Reply { response, from: 0 }),
+        Halt::Reset => return reset(),
     };
     let body = match code {
         413 => "Payload Too Large".to_owned(),
