@@ -446,7 +446,7 @@ async fn a_callout_holds_the_connection_until_it_answers() {
     let auth = upstream().await;
     let nowhere = closed_port().await;
     let runtime = runtime();
-    for phase in ["connection", "data"] {
+    for phase in ["connection", "data", "upstream_data"] {
         let allow = filter(
             &format!("callout-{phase}"),
             &runtime,
@@ -468,7 +468,7 @@ async fn a_callout_holds_the_connection_until_it_answers() {
         assert_eq!(exchange(gw.address, b"hello there").await, b"howdy there");
         assert_eq!(auth.seen.lock().len(), before + 1, "{phase}");
     }
-    assert_eq!(metric(&runtime, "tcp_callout_answers"), 2);
+    assert_eq!(metric(&runtime, "tcp_callout_answers"), 3);
     // A call that fails closes the connection.
     let deny = filter(
         "callout-down",

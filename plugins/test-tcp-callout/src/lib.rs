@@ -4,7 +4,10 @@
 //! `"data"`). In `connection` phase `on_new_connection` sends the call and pauses; in `data` phase
 //! the first `on_downstream_data` does, and later data is held (Pause) meanwhile. A 200 answer
 //! continues the downstream (`proxy_continue_stream(DOWNSTREAM)`); anything else, or a failed
-//! call, closes it. Counter `tcp_callout_answers` counts answers.
+//! call, closes it. In `upstream_data` phase the first `on_upstream_data` sends the call and holds
+//! the upstream's bytes, and a 200 answer continues the upstream
+//! (`proxy_continue_stream(UPSTREAM)`, which Envoy answers UNIMPLEMENTED and the SDK traps on).
+//! Counter `tcp_callout_answers` counts answers.
 
 use std::time::Duration;
 
@@ -117,7 +120,11 @@ impl Context for Callout {
         let status = self.get_http_call_response_header(":status");
         if status.as_deref() == Some("200") {
             self.state = State::Allowed;
-            self.resume_downstream();
+            if self.config.phase == "upstream_data" {
+                self.resume_upstream();
+            } else {
+                self.resume_downstream();
+            }
         } else {
             self.close_downstream();
         }
@@ -138,6 +145,23 @@ impl StreamContext for Callout {
             State::Waiting => Action::Pause,
             State::Idle => {
                 if self.config.phase == "data" && self.call() {
+                    Action::Pause
+                } else {
+                    Action::Continue
+                }
+            }
+        }
+    }
+
+    fn on_upstream_data(&mut self, _data_size: usize, _end_of_stream: bool) -> Action {
+        if self.config.phase != "upstream_data" {
+            return Action::Continue;
+        }
+        match self.state {
+            State::Allowed => Action::Continue,
+            State::Waiting => Action::Pause,
+            State::Idle => {
+                if self.call() {
                     Action::Pause
                 } else {
                     Action::Continue
