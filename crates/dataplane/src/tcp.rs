@@ -1093,7 +1093,12 @@ enum Event {
     Woken,
     Idle,
     Shutdown,
+    DrainEnded,
 }
+
+/// How long a TCP proxy connection may go on after shutdown begins: less than the worker's own
+/// drain wait (30 s), so a connection closed at the deadline still gets its close callbacks.
+const TCP_DRAIN_TIMEOUT: Duration = Duration::from_secs(25);
 
 impl Proxy {
     #[allow(clippy::too_many_arguments)]
@@ -1125,6 +1130,11 @@ impl Proxy {
         }
         let idle = tokio::time::sleep(idle_timeout);
         tokio::pin!(idle);
+        // On shutdown a connection drains: it goes on until either side ends it, or until the
+        // drain deadline closes it (before the worker stops waiting, so close callbacks run).
+        let drain = tokio::time::sleep(Duration::MAX / 4);
+        tokio::pin!(drain);
+        let mut draining = false;
         while failure.is_none() {
             match chain.poll_effects() {
                 Ok([down, up]) => {
@@ -1153,7 +1163,8 @@ impl Proxy {
                     Event::Drove(Side::Downstream, r),
                 _ = any_notified(&plugins) => Event::Woken,
                 _ = &mut idle => Event::Idle,
-                _ = shutdown.changed() => Event::Shutdown,
+                _ = shutdown.changed(), if !draining => Event::Shutdown,
+                _ = &mut drain, if draining => Event::DrainEnded,
             };
             if !matches!(event, Event::Woken) {
                 idle.as_mut()
@@ -1239,7 +1250,13 @@ impl Proxy {
                 Event::Idle => {
                     failure = Some(Close("idle_timeout"));
                 }
-                Event::Shutdown => failure = Some(Close("shutdown")),
+                Event::Shutdown => {
+                    draining = true;
+                    drain
+                        .as_mut()
+                        .reset(tokio::time::Instant::now() + TCP_DRAIN_TIMEOUT);
+                }
+                Event::DrainEnded => failure = Some(Close("shutdown")),
             }
         }
         if let Some(close) = &failure {

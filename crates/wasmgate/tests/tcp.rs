@@ -187,3 +187,67 @@ clusters:
     // The listener still serves.
     assert_eq!(get(web, "/again", "").0, 200);
 }
+
+/// SIGTERM drains a TCP proxy listener: no new connections, while open ones go on until a side
+/// ends them; then the process exits.
+#[test]
+fn a_tcp_connection_open_at_shutdown_goes_on_until_it_ends() {
+    let echo = echo_server();
+    let dir = tempfile::tempdir().unwrap();
+    let counter = plugin("test_tcp_counter");
+    let yaml = format!(
+        r#"workers: 1
+admin: 127.0.0.1:0
+listeners:
+  - name: tcp
+    address: 127.0.0.1:0
+    network_filters:
+      - name: counter
+        vm_config: {{ code: {{ local: {{ filename: {counter} }} }} }}
+    tcp_proxy: {{ cluster: echo }}
+clusters:
+  - name: echo
+    endpoints: ["{echo}"]
+"#,
+        counter = counter.display()
+    );
+    let config = dir.path().join("gateway.yaml");
+    std::fs::write(&config, yaml).unwrap();
+    let mut gateway = start(&["run", "--config", config.to_str().unwrap()]);
+    let tcp = gateway.listener("tcp");
+    let mut stream = TcpStream::connect(tcp).unwrap();
+    stream
+        .set_read_timeout(Some(Duration::from_secs(10)))
+        .unwrap();
+    let mut buffer = [0u8; 5];
+    stream.write_all(b"first").unwrap();
+    stream.read_exact(&mut buffer).unwrap();
+    assert_eq!(&buffer, b"first");
+
+    let status = std::process::Command::new("kill")
+        .arg("-TERM")
+        .arg(gateway.child.id().to_string())
+        .status()
+        .unwrap();
+    assert!(status.success());
+    // The listener stops accepting...
+    assert!(eventually(Duration::from_secs(10), || {
+        TcpStream::connect(tcp).is_err()
+    }));
+    // ...while the open connection still carries bytes both ways.
+    stream.write_all(b"again").unwrap();
+    stream.read_exact(&mut buffer).unwrap();
+    assert_eq!(&buffer, b"again");
+    assert!(
+        gateway.child.try_wait().unwrap().is_none(),
+        "still draining"
+    );
+    stream.shutdown(std::net::Shutdown::Write).unwrap();
+    let mut rest = Vec::new();
+    stream.read_to_end(&mut rest).unwrap();
+    assert!(rest.is_empty());
+    let exited = eventually(Duration::from_secs(10), || {
+        gateway.child.try_wait().unwrap().is_some()
+    });
+    assert!(exited, "the gateway exits once its last connection ended");
+}
