@@ -21,6 +21,9 @@ use crate::stats::GatewayStats;
 /// Changes the gateway's own log filter (a tracing reload handle, say).
 pub type LogFilterSetter = Arc<dyn Fn(&str) -> Result<(), String> + Send + Sync>;
 
+/// Whether `/stats/prometheus` shows a plugin-defined metric, by the name the plugin gave it.
+pub type MetricFilter = Arc<dyn Fn(&str) -> bool + Send + Sync>;
+
 #[derive(Clone)]
 pub struct AdminState {
     pub runtime: Arc<Runtime>,
@@ -33,7 +36,7 @@ pub struct AdminState {
     /// More Prometheus text appended to `/stats/prometheus` (the module fetcher's metrics, say).
     pub extra_metrics: Option<Arc<dyn Fn() -> String + Send + Sync>>,
     /// Which plugin-defined metrics to show (the config's `stats_matcher`); all when `None`.
-    pub metric_filter: Option<Arc<dyn Fn(&str) -> bool + Send + Sync>>,
+    pub metric_filter: Option<MetricFilter>,
 }
 
 pub struct AdminHandle {

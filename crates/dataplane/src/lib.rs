@@ -18,7 +18,7 @@ mod tcp;
 mod tls;
 mod upstream;
 
-pub use admin::{AdminHandle, AdminState, LogFilterSetter, start_admin};
+pub use admin::{AdminHandle, AdminState, LogFilterSetter, MetricFilter, start_admin};
 pub use body::GatewayBody;
 pub use server::{GatewayHandle, StartError, start};
 pub use spec::{

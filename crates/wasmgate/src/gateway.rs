@@ -764,8 +764,7 @@ pub fn serve(
                 fetch_metrics.prometheus() + &reload_metrics.prometheus()
             })),
             metric_filter: prepared.metric_filter.clone().map(|filter| {
-                Arc::new(move |name: &str| filter.allows(name))
-                    as Arc<dyn Fn(&str) -> bool + Send + Sync>
+                Arc::new(move |name: &str| filter.allows(name)) as wasmgate_dataplane::MetricFilter
             }),
         },
     )

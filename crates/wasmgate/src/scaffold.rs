@@ -147,34 +147,60 @@ pub fn new(args: NewArgs) -> anyhow::Result<ExitCode> {
     Ok(ExitCode::SUCCESS)
 }
 
-/// The `name` in a TOML `[section]` of a Cargo.toml, by plain line reading.
-fn toml_name(manifest: &str, section: &str) -> Option<String> {
-    let mut current = "";
-    for line in manifest.lines() {
-        let line = line.trim();
-        if line.starts_with('[') {
-            current = line;
-            continue;
-        }
-        if current == section
-            && let Some((key, value)) = line.split_once('=')
-            && key.trim() == "name"
-        {
-            let value = value.split('#').next().unwrap_or("").trim();
-            return Some(value.trim_matches(|c| c == '"' || c == '\'').to_owned());
-        }
+/// Where cargo puts the project's build and its cdylib's file stem, from `cargo metadata` (so
+/// `CARGO_TARGET_DIR`, `.cargo/config.toml` and `[lib] name` are taken into account).
+fn rust_artifact(cargo: &std::ffi::OsStr, dir: &Path) -> anyhow::Result<(PathBuf, String)> {
+    let output = Command::new(cargo)
+        .current_dir(dir)
+        .args(["metadata", "--no-deps", "--format-version", "1"])
+        .output()
+        .context("cannot start cargo (is Rust installed? https://rustup.rs)")?;
+    if !output.status.success() {
+        bail!(
+            "cargo metadata failed in {}:\n{}",
+            dir.display(),
+            String::from_utf8_lossy(&output.stderr).trim_end()
+        );
     }
-    None
-}
-
-/// The library's file stem: `[lib] name`, else the package name with `-` as `_`.
-fn rust_artifact_name(manifest: &str) -> anyhow::Result<String> {
-    if let Some(name) = toml_name(manifest, "[lib]") {
-        return Ok(name);
-    }
-    let package = toml_name(manifest, "[package]")
-        .context("Cargo.toml has no [package] name (a workspace root is not a plugin project)")?;
-    Ok(package.replace('-', "_"))
+    let metadata: serde_json::Value =
+        serde_json::from_slice(&output.stdout).context("reading cargo metadata")?;
+    let target_dir = metadata["target_directory"]
+        .as_str()
+        .context("cargo metadata has no target_directory")?;
+    let manifest = std::fs::canonicalize(dir.join("Cargo.toml"))?;
+    let package = metadata["packages"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .find(|p| {
+            p["manifest_path"]
+                .as_str()
+                .and_then(|m| std::fs::canonicalize(m).ok())
+                .is_some_and(|m| m == manifest)
+        })
+        .with_context(|| {
+            format!(
+                "{}: not a package (a workspace root? build one member's folder)",
+                manifest.display()
+            )
+        })?;
+    let library = package["targets"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .find(|t| {
+            t["kind"]
+                .as_array()
+                .is_some_and(|kinds| kinds.iter().any(|k| k == "cdylib"))
+        })
+        .and_then(|t| t["name"].as_str())
+        .with_context(|| {
+            format!(
+                "{}: no cdylib library (a plugin needs [lib] crate-type = [\"cdylib\"])",
+                manifest.display()
+            )
+        })?;
+    Ok((PathBuf::from(target_dir), library.replace('-', "_")))
 }
 
 fn run(command: &mut Command, what: &str) -> anyhow::Result<()> {
@@ -207,21 +233,15 @@ fn ensure_rust_target() -> anyhow::Result<()> {
 }
 
 fn build_rust(dir: &Path) -> anyhow::Result<PathBuf> {
-    let manifest = std::fs::read_to_string(dir.join("Cargo.toml"))
-        .with_context(|| format!("reading {}", dir.join("Cargo.toml").display()))?;
-    let artifact = rust_artifact_name(&manifest)?;
-    ensure_rust_target()?;
     let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
+    let (target_dir, artifact) = rust_artifact(&cargo, dir)?;
+    ensure_rust_target()?;
     run(
-        Command::new(cargo)
+        Command::new(&cargo)
             .current_dir(dir)
             .args(["build", "--release", "--target", RUST_TARGET]),
         "cargo build --release --target wasm32-wasip1",
     )?;
-    let target_dir = match std::env::var_os("CARGO_TARGET_DIR") {
-        Some(target) => dir.join(target),
-        None => dir.join("target"),
-    };
     Ok(target_dir
         .join(RUST_TARGET)
         .join("release")
@@ -352,13 +372,5 @@ mod tests {
         for bad in ["", "a b", "../x", "x/y", "1abc", "-x", "é"] {
             assert!(check_name(bad).is_err(), "{bad:?}");
         }
-    }
-
-    #[test]
-    fn artifact_names() {
-        let manifest = "[package]\nname = \"my-plugin\" # x\n[dependencies]\nname = \"no\"\n";
-        assert_eq!(rust_artifact_name(manifest).unwrap(), "my_plugin");
-        let manifest = "[package]\nname = \"my-plugin\"\n[lib]\nname = \"other\"\n";
-        assert_eq!(rust_artifact_name(manifest).unwrap(), "other");
     }
 }
