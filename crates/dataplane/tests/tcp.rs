@@ -507,6 +507,33 @@ async fn network_plugins_tick() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn network_plugins_use_shared_queues() {
+    let echo = echo_server().await;
+    let runtime = runtime();
+    let queued = filter(
+        "counter",
+        &runtime,
+        "test_tcp_counter",
+        r#"{"queue": "connections"}"#,
+        FailurePolicy::FailClosed,
+    );
+    let gw = start_tcp(
+        runtime.clone(),
+        vec![queued],
+        vec![tcp_cluster("backend", echo)],
+        Limits::default(),
+    );
+    for _ in 0..3 {
+        assert_eq!(exchange(gw.address, b"hello").await, b"hello");
+    }
+    // Each connection enqueued its id; the root was told and dequeued them.
+    until("queue messages", || {
+        metric(&runtime, "tcp_counter_queue_messages") == 3
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_network_chain_update_applies_to_new_connections() {
     let echo = echo_server().await;
     let runtime = runtime();

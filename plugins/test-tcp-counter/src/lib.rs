@@ -8,7 +8,9 @@
 //! - shared data `tcp_counter_connection`: the last connection's properties, one line:
 //!   `id=<connection.id> source=<source.address> destination=<destination.address>
 //!   mtls=<connection.mtls> sni=<connection.requested_server_name or ->`;
-//! - configuration (JSON, optional): `{"tick_ms": N}` ticks every N ms.
+//! - configuration (JSON, optional): `{"tick_ms": N}` ticks every N ms; `{"queue": "NAME"}`
+//!   registers shared queue NAME, each new connection enqueues its id there, and the root
+//!   dequeues on `on_queue_ready`, counting `tcp_counter_queue_messages`.
 
 use log::info;
 use proxy_wasm::hostcalls;
@@ -25,6 +27,7 @@ proxy_wasm::main! {{
 #[serde(default)]
 struct Config {
     tick_ms: Option<u64>,
+    queue: Option<String>,
 }
 
 #[derive(Debug, Clone, Copy, Default)]
@@ -38,6 +41,7 @@ struct Metrics {
     upstream_close_remote: u32,
     done: u32,
     ticks: u32,
+    queue_messages: u32,
 }
 
 fn counter(name: &str) -> u32 {
@@ -56,6 +60,7 @@ impl Metrics {
             upstream_close_remote: counter("tcp_counter_upstream_close_remote"),
             done: counter("tcp_counter_done"),
             ticks: counter("tcp_counter_ticks"),
+            queue_messages: counter("tcp_counter_queue_messages"),
         }
     }
 }
@@ -67,6 +72,7 @@ fn bump(metric: u32, by: usize) {
 #[derive(Default)]
 struct CounterRoot {
     metrics: Metrics,
+    queue: Option<u32>,
 }
 
 impl Context for CounterRoot {}
@@ -84,6 +90,9 @@ impl RootContext for CounterRoot {
         if let Some(ms) = config.tick_ms {
             self.set_tick_period(std::time::Duration::from_millis(ms));
         }
+        if let Some(name) = &config.queue {
+            self.queue = Some(self.register_shared_queue(name));
+        }
         true
     }
 
@@ -91,9 +100,16 @@ impl RootContext for CounterRoot {
         bump(self.metrics.ticks, 1);
     }
 
+    fn on_queue_ready(&mut self, queue_id: u32) {
+        while let Ok(Some(_message)) = self.dequeue_shared_queue(queue_id) {
+            bump(self.metrics.queue_messages, 1);
+        }
+    }
+
     fn create_stream_context(&self, _context_id: u32) -> Option<Box<dyn StreamContext>> {
         Some(Box::new(Counter {
             metrics: self.metrics,
+            queue: self.queue,
         }))
     }
 
@@ -104,6 +120,7 @@ impl RootContext for CounterRoot {
 
 struct Counter {
     metrics: Metrics,
+    queue: Option<u32>,
 }
 
 impl Counter {
@@ -136,6 +153,9 @@ impl StreamContext for Counter {
         );
         info!("new connection: {line}");
         let _ = self.set_shared_data("tcp_counter_connection", Some(line.as_bytes()), None);
+        if let Some(queue) = self.queue {
+            let _ = self.enqueue_shared_queue(queue, Some(id.to_string().as_bytes()));
+        }
         Action::Continue
     }
 
