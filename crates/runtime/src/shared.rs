@@ -370,6 +370,22 @@ mod tests {
     use super::*;
 
     #[test]
+    fn a_full_queue_refuses_until_a_message_is_taken() {
+        let shared = Shared::new(2);
+        let inbox = Arc::new(Inbox::default());
+        let queue = shared.queues.register("vm", "q", &inbox, 1);
+        assert_eq!(shared.queues.enqueue(queue, b"1".to_vec()), Status::Ok);
+        assert_eq!(shared.queues.enqueue(queue, b"2".to_vec()), Status::Ok);
+        assert_eq!(
+            shared.queues.enqueue(queue, b"3".to_vec()),
+            Status::InternalFailure,
+            "plugin_limits.max_queue_length"
+        );
+        assert_eq!(shared.queues.dequeue(queue), Ok(b"1".to_vec()));
+        assert_eq!(shared.queues.enqueue(queue, b"3".to_vec()), Status::Ok);
+    }
+
+    #[test]
     fn cas_semantics() {
         let data = SharedData::default();
         assert_eq!(data.get("vm", b"k"), None);
