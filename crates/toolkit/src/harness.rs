@@ -321,6 +321,27 @@ impl Harness {
             .collect()
     }
 
+    /// Fires the plugin's timer once (`proxy_on_tick` on the root context), then answers the
+    /// `http_call`s it dispatched from the fixture, as a proxy's event loop would.
+    pub fn tick(&mut self) -> Result<(), HarnessError> {
+        let marks = self.marks();
+        self.vm.on_tick(self.root)?;
+        while let Some((token, call)) = self.next_pending_call(marks) {
+            let outcome = self.answer(&call);
+            self.vm.on_http_call_response(token, outcome)?;
+        }
+        Ok(())
+    }
+
+    fn answer(&mut self, call: &HttpCallRequest) -> CallOutcome {
+        match self.call_fixture.as_mut() {
+            Some(fixture) => fixture(call),
+            None => CallOutcome::Failure {
+                message: "no fixture answers calls".into(),
+            },
+        }
+    }
+
     /// Runs `request` through the plugin, then `upstream`'s response back through it.
     pub fn exchange(
         &mut self,
@@ -544,12 +565,7 @@ impl Harness {
         loop {
             let pending = self.next_pending_call(marks);
             let Some((token, call)) = pending else { break };
-            let outcome = match self.call_fixture.as_mut() {
-                Some(fixture) => fixture(&call),
-                None => CallOutcome::Failure {
-                    message: "no fixture answers calls".into(),
-                },
-            };
+            let outcome = self.answer(&call);
             self.vm.on_http_call_response(token, outcome)?;
             if let Some(local) = self.local_reply_since(marks) {
                 return Ok(Some(self.local_reply(

@@ -3,6 +3,7 @@
 mod distribution;
 mod gateway;
 mod plugin_run;
+mod plugin_test;
 mod quickstart;
 mod scaffold;
 
@@ -64,6 +65,8 @@ enum PluginCommand {
     New(scaffold::NewArgs),
     /// Build a plugin project to its .wasm; print its path, size and sha256.
     Build(scaffold::BuildArgs),
+    /// Run a plugin against the requests and expectations of a cases file (exit 1 when one fails).
+    Test(plugin_test::TestArgs),
     /// Run one request through a plugin in-process and show what the plugin changed.
     Run(Box<plugin_run::RunArgs>),
     /// Show a module's ABI version, callbacks and imports.
@@ -117,6 +120,9 @@ fn main() -> ExitCode {
         Command::Plugin {
             command: PluginCommand::Build(args),
         } => scaffold::build(args),
+        Command::Plugin {
+            command: PluginCommand::Test(args),
+        } => plugin_test::run(args),
         Command::Plugin {
             command: PluginCommand::Run(args),
         } => plugin_run::run(*args),

@@ -55,6 +55,8 @@ const AS_TSCONFIG: &str = include_str!("../templates/assemblyscript/tsconfig.jso
 const AS_README: &str = include_str!("../templates/assemblyscript/README.md");
 const AS_GATEWAY: &str = include_str!("../templates/assemblyscript/gateway.yaml");
 const AS_GITIGNORE: &str = include_str!("../templates/assemblyscript/gitignore");
+/// The same cases fit both templates: they add the same header from the same configuration.
+const CASES: &str = include_str!("../templates/cases.yaml");
 
 /// The module an AssemblyScript project builds (its package.json `asbuild` script).
 const AS_MODULE: &str = "build/plugin.wasm";
@@ -93,6 +95,7 @@ fn project_files(name: &str, lang: Lang) -> anyhow::Result<Vec<(&'static str, St
                 ("README.md", fill(RUST_README, &module)),
                 ("gateway.yaml", fill(RUST_GATEWAY, &module)),
                 (".gitignore", fill(RUST_GITIGNORE, &module)),
+                ("tests/cases.yaml", fill(CASES, &module)),
             ])
         }
         Lang::Assemblyscript => Ok(vec![
@@ -102,6 +105,7 @@ fn project_files(name: &str, lang: Lang) -> anyhow::Result<Vec<(&'static str, St
             ("README.md", fill(AS_README, AS_MODULE)),
             ("gateway.yaml", fill(AS_GATEWAY, AS_MODULE)),
             (".gitignore", fill(AS_GITIGNORE, AS_MODULE)),
+            ("tests/cases.yaml", fill(CASES, AS_MODULE)),
         ]),
         Lang::Cpp => bail!(
             "--lang cpp has no template yet: a C++ plugin needs Emscripten (emcc) and \

@@ -127,6 +127,7 @@ fn a_new_rust_plugin_builds_runs_and_packs_as_an_oci_layout() {
         "README.md",
         "gateway.yaml",
         ".gitignore",
+        "tests/cases.yaml",
     ] {
         assert!(project.join(file).is_file(), "{file} is missing");
     }
@@ -154,6 +155,13 @@ fn a_new_rust_plugin_builds_runs_and_packs_as_an_oci_layout() {
     ));
     assert!(inspect.contains("abi version: 0.2.1"), "{inspect}");
     assert!(inspect.contains("proxy_on_response_headers"), "{inspect}");
+
+    // The project's own test passes.
+    let tested = ok(&run(
+        &["plugin", "test", module.to_str().unwrap(), "tests/cases.yaml"],
+        &project,
+    ));
+    assert!(tested.contains("3 cases: 3 passed, 0 failed"), "{tested}");
 
     let default = ok(&run(
         &["plugin", "run", module.to_str().unwrap()],
@@ -221,6 +229,7 @@ fn a_new_assemblyscript_plugin_is_generated_and_builds_with_the_repo_toolchain()
         "README.md",
         "gateway.yaml",
         ".gitignore",
+        "tests/cases.yaml",
     ] {
         assert!(project.join(file).is_file(), "{file} is missing");
     }
@@ -232,10 +241,14 @@ fn a_new_assemblyscript_plugin_is_generated_and_builds_with_the_repo_toolchain()
         .output()
         .is_ok_and(|o| o.status.success());
     if !node_modules.join("assemblyscript").is_dir() || !have_npx {
-        eprintln!(
-            "skipping the AssemblyScript build: no npx or no {}",
+        // scripts/test.sh installs both; only an explicit opt-out may leave them out.
+        assert_eq!(
+            std::env::var("WASMGATE_SKIP_ASSEMBLYSCRIPT").as_deref(),
+            Ok("1"),
+            "no npx or no {}: run scripts/build-plugins.sh",
             node_modules.display()
         );
+        eprintln!("WASMGATE_SKIP_ASSEMBLYSCRIPT=1: not building the AssemblyScript template");
         return;
     }
     std::os::unix::fs::symlink(&node_modules, project.join("node_modules")).unwrap();
@@ -261,6 +274,11 @@ fn a_new_assemblyscript_plugin_is_generated_and_builds_with_the_repo_toolchain()
         temp.path(),
     ));
     assert!(default.contains("+ x-demo_as: hello"), "{default}");
+    let tested = ok(&run(
+        &["plugin", "test", module.to_str().unwrap(), "tests/cases.yaml"],
+        &project,
+    ));
+    assert!(tested.contains("3 cases: 3 passed, 0 failed"), "{tested}");
 }
 
 #[test]

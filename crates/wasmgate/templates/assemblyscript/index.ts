@@ -43,7 +43,7 @@ class PluginRoot extends RootContext {
       let config = String.UTF8.decode(
         get_buffer_bytes(BufferTypeValues.PluginConfiguration, 0, configuration_size));
       if (config.trim().length > 0 && !config.trim().startsWith("{")) {
-        log(LogLevelValues.error, "{{name}}: the configuration is not a JSON object");
+        log(LogLevelValues.error, "{{name}}: invalid configuration: not a JSON object");
         return false;
       }
       this.header = jsonString(config, "header", this.header);
