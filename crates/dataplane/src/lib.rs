@@ -26,3 +26,4 @@ pub use spec::{
     RouteAction, RouteSpec, SniRoute, TcpProxySpec, TlsFiles, UpstreamTls,
 };
 pub use stats::GatewayStats;
+pub use upstream::send_once;

@@ -197,6 +197,25 @@ impl Upstreams {
     }
 }
 
+/// One request to a cluster outside any gateway: `wasmgate plugin run --upstream` sends what a
+/// plugin let through with the same client, TLS and header handling the gateway's clusters use.
+/// A failed exchange is a [`CallOutcome::Failure`] with the reason.
+pub async fn send_once(
+    cluster: &ClusterSpec,
+    request: &HttpCallRequest,
+) -> Result<CallOutcome, crate::StartError> {
+    let mut tls = HashMap::new();
+    if let Some(config) = crate::tls::cluster_config(cluster)? {
+        tls.insert(cluster.name.clone(), config);
+    }
+    let upstreams = Upstreams::new(std::slice::from_ref(cluster), &tls);
+    let request = HttpCallRequest {
+        upstream: cluster.name.clone(),
+        ..request.clone()
+    };
+    Ok(upstreams.http_call(&request).await)
+}
+
 /// A gRPC message on the wire: a compressed flag (never set here), a big-endian length, the bytes.
 pub(crate) fn grpc_frame(message: &[u8]) -> Vec<u8> {
     let mut framed = Vec::with_capacity(5 + message.len());

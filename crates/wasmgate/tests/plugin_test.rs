@@ -272,3 +272,94 @@ fn bad_inputs_exit_2_naming_the_file_and_field() {
     assert_eq!(output.status.code(), Some(2));
     assert!(String::from_utf8_lossy(&output.stderr).contains("no case matches --filter \"zzz\""));
 }
+
+/// An upstream that answers with the request head it received, so a test sees what went over
+/// the wire.
+fn echo_upstream() -> std::net::SocketAddr {
+    use std::io::{BufRead, BufReader, Write};
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let address = listener.local_addr().unwrap();
+    std::thread::spawn(move || {
+        for stream in listener.incoming() {
+            let Ok(mut stream) = stream else { continue };
+            let mut reader = BufReader::new(stream.try_clone().unwrap());
+            let mut head = String::new();
+            loop {
+                let mut line = String::new();
+                if reader.read_line(&mut line).unwrap_or(0) == 0 || line == "\r\n" {
+                    break;
+                }
+                head.push_str(&line);
+            }
+            let _ = write!(
+                stream,
+                "HTTP/1.1 200 OK\r\nx-upstream: live\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{head}",
+                head.len()
+            );
+        }
+    });
+    address
+}
+
+#[test]
+fn plugin_run_sends_what_the_plugin_let_through_to_a_live_upstream() {
+    let upstream = echo_upstream();
+    let output = wasmgate()
+        .args(["plugin", "run"])
+        .arg(plugin("test_kitchen_sink"))
+        .args([
+            "--upstream",
+            &format!("http://{upstream}"),
+            "--path",
+            "/live",
+        ])
+        .args(["-H", "x-mode: remove", "-H", "x-remove-me: gone"])
+        .output()
+        .unwrap();
+    let out = stdout(&output);
+    assert!(output.status.success(), "{out}");
+    for line in [
+        "request headers, as the upstream received them:",
+        "  + x-kitchen-seen: 1",
+        "  - x-remove-me: gone",
+        "    x-upstream: live",
+        "  + x-kitchen-response: 1",
+        // The echo proves the edited request went over the wire, to the upstream's authority.
+        "GET /live HTTP/1.1",
+        "x-kitchen-seen: 1",
+    ] {
+        assert!(out.contains(line), "missing {line:?} in:\n{out}");
+    }
+    assert!(
+        out.to_ascii_lowercase()
+            .contains(&format!("host: {upstream}")),
+        "{out}"
+    );
+    assert!(!out.contains("x-remove-me: gone\r"), "{out}");
+
+    // Nothing listens: the plugin still sees a 503, and the reason is printed.
+    let closed = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let dead = closed.local_addr().unwrap();
+    drop(closed);
+    let output = wasmgate()
+        .args(["plugin", "run"])
+        .arg(plugin("test_kitchen_sink"))
+        .args(["--upstream", &format!("http://{dead}")])
+        .output()
+        .unwrap();
+    let out = stdout(&output);
+    assert!(output.status.success(), "{out}");
+    assert!(out.contains("upstream error (answered 503):"), "{out}");
+    assert!(out.contains(":status: 503"), "{out}");
+
+    let output = wasmgate()
+        .args(["plugin", "run"])
+        .arg(plugin("test_kitchen_sink"))
+        .args(["--upstream", "ftp://example.com"])
+        .output()
+        .unwrap();
+    assert!(!output.status.success());
+    assert!(
+        String::from_utf8_lossy(&output.stderr).contains("the scheme must be http:// or https://")
+    );
+}
