@@ -158,7 +158,12 @@ fn a_new_rust_plugin_builds_runs_and_packs_as_an_oci_layout() {
 
     // The project's own test passes.
     let tested = ok(&run(
-        &["plugin", "test", module.to_str().unwrap(), "tests/cases.yaml"],
+        &[
+            "plugin",
+            "test",
+            module.to_str().unwrap(),
+            "tests/cases.yaml",
+        ],
         &project,
     ));
     assert!(tested.contains("3 cases: 3 passed, 0 failed"), "{tested}");
@@ -275,7 +280,12 @@ fn a_new_assemblyscript_plugin_is_generated_and_builds_with_the_repo_toolchain()
     ));
     assert!(default.contains("+ x-demo_as: hello"), "{default}");
     let tested = ok(&run(
-        &["plugin", "test", module.to_str().unwrap(), "tests/cases.yaml"],
+        &[
+            "plugin",
+            "test",
+            module.to_str().unwrap(),
+            "tests/cases.yaml",
+        ],
         &project,
     ));
     assert!(tested.contains("3 cases: 3 passed, 0 failed"), "{tested}");
