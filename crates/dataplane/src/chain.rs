@@ -6,7 +6,6 @@
 //! and the next call sees the accumulated body. A local reply ends the chain.
 
 use std::cell::{Cell, RefCell};
-use std::collections::HashSet;
 use std::rc::Rc;
 use std::sync::Arc;
 use std::time::Duration;
@@ -16,10 +15,10 @@ use wasmgate_abi::{Action, HeaderMap, LocalResponse, StreamInfo, StreamType};
 use wasmgate_runtime::{CallOutcome, Runtime, Vm, VmError};
 
 use crate::health::VmHealth;
-use crate::host::{GatewayHost, SharedEffects};
+use crate::host::{ClusterNames, GatewayHost, SharedEffects};
 use crate::spec::{FailurePolicy, FilterSpec};
 use crate::stats::GatewayStats;
-use crate::upstream::Upstreams;
+use crate::upstream::UpstreamsCell;
 
 /// How long a paused stream waits for its plugin to continue before the gateway gives up.
 const PAUSE_DEADLINE: Duration = Duration::from_secs(60);
@@ -31,9 +30,9 @@ pub(crate) struct Plugin {
     root: Cell<u32>,
     effects: SharedEffects,
     notify: Notify,
-    upstreams: Rc<Upstreams>,
+    upstreams: Rc<UpstreamsCell>,
     runtime: Arc<Runtime>,
-    clusters: Arc<HashSet<String>>,
+    clusters: Arc<ClusterNames>,
     stats: Arc<GatewayStats>,
     health: VmHealth,
     touches_request_body: bool,
@@ -53,8 +52,8 @@ impl Plugin {
     pub fn start(
         spec: FilterSpec,
         runtime: Arc<Runtime>,
-        clusters: Arc<HashSet<String>>,
-        upstreams: Rc<Upstreams>,
+        clusters: Arc<ClusterNames>,
+        upstreams: Rc<UpstreamsCell>,
         stats: Arc<GatewayStats>,
     ) -> Result<Rc<Self>, VmError> {
         let (vm, root, effects) = Self::new_vm(&spec, &runtime, &clusters)?;
@@ -81,7 +80,7 @@ impl Plugin {
     fn new_vm(
         spec: &FilterSpec,
         runtime: &Arc<Runtime>,
-        clusters: &Arc<HashSet<String>>,
+        clusters: &Arc<ClusterNames>,
     ) -> Result<(Vm, u32, SharedEffects), VmError> {
         let effects = SharedEffects::default();
         let (vm, root) = Self::build_vm(spec, runtime, clusters, &effects, 0)?;
@@ -93,7 +92,7 @@ impl Plugin {
     fn build_vm(
         spec: &FilterSpec,
         runtime: &Arc<Runtime>,
-        clusters: &Arc<HashSet<String>>,
+        clusters: &Arc<ClusterNames>,
         effects: &SharedEffects,
         last_context_id: u32,
     ) -> Result<(Vm, u32), VmError> {
@@ -158,7 +157,7 @@ impl Plugin {
         for (token, call) in grpc_calls {
             let plugin = self.clone();
             tokio::task::spawn_local(async move {
-                let outcome = plugin.upstreams.grpc_call(&call).await;
+                let outcome = plugin.upstreams.current().grpc_call(&call).await;
                 let result = {
                     let mut vm = plugin.vm.borrow_mut();
                     match outcome {
@@ -181,7 +180,7 @@ impl Plugin {
         for (token, call) in calls {
             let plugin = self.clone();
             tokio::task::spawn_local(async move {
-                let outcome = plugin.upstreams.http_call(&call).await;
+                let outcome = plugin.upstreams.current().http_call(&call).await;
                 if let CallOutcome::Failure { message } = &outcome {
                     tracing::debug!(plugin = %plugin.spec.name, cluster = %call.upstream, "http_call failed: {message}");
                 }
@@ -289,7 +288,7 @@ impl Plugin {
                 vm.on_grpc_close(token, status, &message)
             });
         };
-        let response = match self.upstreams.grpc_stream(&call, body).await {
+        let response = match self.upstreams.current().grpc_stream(&call, body).await {
             Ok(response) => response,
             Err((status, message)) => return close(&self, status, message),
         };

@@ -41,13 +41,34 @@ impl GatewayHost {
     }
 }
 
+/// The cluster names `proxy_http_call` and `proxy_grpc_call` accept, process-wide; a reload that
+/// changes the clusters replaces them.
+#[derive(Default)]
+pub(crate) struct ClusterNames(parking_lot::RwLock<Arc<HashSet<String>>>);
+
+impl ClusterNames {
+    pub fn new(names: impl IntoIterator<Item = String>) -> Self {
+        Self(parking_lot::RwLock::new(Arc::new(
+            names.into_iter().collect(),
+        )))
+    }
+
+    pub fn contains(&self, name: &str) -> bool {
+        self.0.read().contains(name)
+    }
+
+    pub fn replace(&self, names: impl IntoIterator<Item = String>) {
+        *self.0.write() = Arc::new(names.into_iter().collect());
+    }
+}
+
 /// Shared between a VM's host and the worker that drives the VM. Both live on one worker thread,
 /// so the lock is never contended; it is there because a `Host` must be `Send`.
 pub(crate) type SharedEffects = Arc<Mutex<Effects>>;
 
 pub(crate) struct GatewayHost {
     pub effects: SharedEffects,
-    pub clusters: Arc<HashSet<String>>,
+    pub clusters: Arc<ClusterNames>,
     pub plugin: String,
 }
 

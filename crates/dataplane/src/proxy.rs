@@ -18,7 +18,7 @@ use crate::chain::{Chain, Direction, Flow, Halt, Plugin};
 use crate::convert;
 use crate::spec::{ListenerSpec, RouteAction, RouteSpec};
 use crate::stats::GatewayStats;
-use crate::upstream::{UpstreamError, Upstreams};
+use crate::upstream::{UpstreamError, UpstreamsCell};
 
 pub(crate) struct ListenerState {
     pub spec: ListenerSpec,
@@ -26,7 +26,9 @@ pub(crate) struct ListenerState {
     pub chain: RefCell<Rc<ActiveChain>>,
     /// Network plugins that see the connection's bytes before the HTTP codec.
     pub network: RefCell<Rc<crate::tcp::NetworkChain>>,
-    pub upstreams: Rc<Upstreams>,
+    /// The routes, swapped whole by a reload; a request routes on the table it started with.
+    pub routes: RefCell<Rc<[RouteSpec]>>,
+    pub upstreams: Rc<UpstreamsCell>,
     pub stats: Arc<GatewayStats>,
 }
 
@@ -157,10 +159,10 @@ mod request_id_tests {
     }
 }
 
-fn route<'a>(spec: &'a ListenerSpec, headers: &HeaderMap) -> Option<&'a RouteSpec> {
+fn route<'a>(routes: &'a [RouteSpec], headers: &HeaderMap) -> Option<&'a RouteSpec> {
     let host = headers.get_str(":authority").unwrap_or("");
     let path = headers.get_str(":path").unwrap_or("/");
-    spec.routes.iter().find(|r| r.matches(host, path))
+    routes.iter().find(|r| r.matches(host, path))
 }
 
 async fn proxy(
@@ -177,7 +179,8 @@ async fn proxy(
     if headers.get("x-request-id").is_none() {
         headers.add("x-request-id", request_id());
     }
-    let initial_route = route(&listener.spec, &headers);
+    let routes = listener.routes.borrow().clone();
+    let initial_route = route(&routes, &headers);
     let info = StreamInfo {
         source: Some(conn.remote),
         destination: Some(conn.local),
@@ -218,7 +221,7 @@ async fn proxy(
         Err(Halt::Status { code, details }) if grpc => return grpc_status(code, details),
         Err(halt) => return gateway_status(halt),
     };
-    match forward(listener, &mut chain, &mut headers, &mut body).await {
+    match forward(listener, &routes, &mut chain, &mut headers, &mut body).await {
         Ok(Forwarded::Upstream(response)) => respond(&mut chain, response).await,
         Ok(Forwarded::Direct(map, bytes)) => finish_direct(chain, map, bytes).await,
         Err(Halt::Status { code, details }) if grpc && details == "wasm_fail_stream" => {
@@ -263,6 +266,7 @@ enum Forwarded {
 /// The request path: headers, body and trailers through the chain, then to the route's cluster.
 async fn forward(
     listener: &ListenerState,
+    routes: &[RouteSpec],
     chain: &mut Chain,
     headers: &mut HeaderMap,
     body: &mut Incoming,
@@ -272,7 +276,7 @@ async fn forward(
         .headers(Direction::Request, headers, end_after_headers, None)
         .await?;
     // Routes are chosen on the headers as the plugins left them.
-    let Some(route) = route(&listener.spec, headers) else {
+    let Some(route) = route(routes, headers) else {
         return Ok(Forwarded::Direct(status_map(404, false), Vec::new()));
     };
     let cluster = match &route.action {
@@ -286,7 +290,7 @@ async fn forward(
     };
     let timeout = route
         .timeout
-        .or_else(|| listener.upstreams.timeout(&cluster));
+        .or_else(|| listener.upstreams.current().timeout(&cluster));
     let mut upstream = Upstream::default();
     let keep_length = !chain.touches_body(Direction::Request);
     if end_after_headers {
@@ -443,7 +447,7 @@ impl Upstream {
                 return;
             }
         };
-        let upstreams = listener.upstreams.clone();
+        let upstreams = listener.upstreams.current();
         let cluster = cluster.to_owned();
         self.task = Some(tokio::task::spawn_local(async move {
             upstreams.send(&cluster, request, timeout).await

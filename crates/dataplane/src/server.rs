@@ -3,7 +3,7 @@
 //! workers accept on the same listening sockets; the kernel spreads connections among them.
 
 use std::cell::RefCell;
-use std::collections::{HashMap, HashSet};
+use std::collections::HashMap;
 use std::future::Future;
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -24,15 +24,16 @@ use wasmgate_abi::StreamInfo;
 use wasmgate_runtime::{Runtime, VmError};
 
 use crate::chain::Plugin;
+use crate::host::ClusterNames;
 use crate::idle::{Activity, IdleIo};
 use crate::proxy::{ActiveChain, ConnInfo, ListenerState, handle};
-use crate::spec::{FilterSpec, GatewaySpec};
+use crate::spec::{ClusterSpec, FilterSpec, GatewaySpec, RouteSpec, TcpProxySpec};
 use crate::stats::GatewayStats;
 use crate::tcp::{
     self, ConnectionTracker, NetworkChain, NetworkPlugin, TcpClusters, TcpListenerState,
 };
 use crate::tls::{self, ClusterTls};
-use crate::upstream::Upstreams;
+use crate::upstream::{Upstreams, UpstreamsCell};
 
 /// How long a graceful shutdown waits for requests in flight.
 const DRAIN_TIMEOUT: Duration = Duration::from_secs(30);
@@ -75,20 +76,35 @@ pub enum StartError {
     UnknownListener(String),
 }
 
+/// Where a listener sends what it accepts: an HTTP listener's routes, or a TCP proxy's clusters.
+#[derive(Clone)]
+pub enum ListenerRouting {
+    Http(Vec<RouteSpec>),
+    Tcp(TcpProxySpec),
+}
+
 /// What the control side asks of a running worker.
 enum WorkerCommand {
     /// Serve new requests on the listener with this chain; requests in flight finish on theirs.
-    UpdateChain {
+    Chain {
         listener: usize,
         filters: Vec<FilterSpec>,
         missing_plugins: Vec<String>,
         done: std::sync::mpsc::Sender<Result<(), StartError>>,
     },
     /// The same for a TCP proxy listener's network plugins.
-    UpdateNetworkChain {
+    NetworkChain {
         listener: usize,
         filters: Vec<FilterSpec>,
         missing_plugins: Vec<String>,
+        done: std::sync::mpsc::Sender<Result<(), StartError>>,
+    },
+    /// New routes (by listener index; `None` keeps a listener's) and clusters: new requests and
+    /// calls take them, those in flight finish on what they started with.
+    Routing {
+        routes: Vec<Option<ListenerRouting>>,
+        clusters: Vec<ClusterSpec>,
+        tls: Arc<HashMap<String, ClusterTls>>,
         done: std::sync::mpsc::Sender<Result<(), StartError>>,
     },
 }
@@ -100,6 +116,7 @@ pub struct GatewayHandle {
     shutdown: watch::Sender<bool>,
     workers: Vec<std::thread::JoinHandle<()>>,
     commands: Vec<tokio::sync::mpsc::UnboundedSender<WorkerCommand>>,
+    cluster_names: Arc<ClusterNames>,
 }
 
 impl GatewayHandle {
@@ -127,7 +144,7 @@ impl GatewayHandle {
         filters: Vec<FilterSpec>,
         missing_plugins: Vec<String>,
     ) -> Result<(), StartError> {
-        self.on_every_worker(listener, |index, done| WorkerCommand::UpdateChain {
+        self.on_every_worker(listener, |index, done| WorkerCommand::Chain {
             listener: index,
             filters: filters.clone(),
             missing_plugins: missing_plugins.clone(),
@@ -144,12 +161,43 @@ impl GatewayHandle {
         filters: Vec<FilterSpec>,
         missing_plugins: Vec<String>,
     ) -> Result<(), StartError> {
-        self.on_every_worker(listener, |index, done| WorkerCommand::UpdateNetworkChain {
+        self.on_every_worker(listener, |index, done| WorkerCommand::NetworkChain {
             listener: index,
             filters: filters.clone(),
             missing_plugins: missing_plugins.clone(),
             done,
         })
+    }
+
+    /// Replaces the routes of the named listeners and the whole cluster table on every worker:
+    /// new requests and plugin calls use them, those in flight finish on what they started with,
+    /// and no plugin restarts. A cluster whose TLS settings cannot be loaded changes nothing.
+    pub fn update_routing(
+        &self,
+        routes: Vec<(String, ListenerRouting)>,
+        clusters: Vec<ClusterSpec>,
+    ) -> Result<(), StartError> {
+        let tls = Arc::new(cluster_tls(&clusters)?);
+        let mut by_index: Vec<Option<ListenerRouting>> = vec![None; self.listeners.len()];
+        for (listener, table) in routes {
+            let index = self.listener_index(&listener)?;
+            by_index[index] = Some(table);
+        }
+        self.cluster_names
+            .replace(clusters.iter().map(|c| c.name.clone()));
+        self.broadcast(|done| WorkerCommand::Routing {
+            routes: by_index.clone(),
+            clusters: clusters.clone(),
+            tls: tls.clone(),
+            done,
+        })
+    }
+
+    fn listener_index(&self, listener: &str) -> Result<usize, StartError> {
+        self.listeners
+            .iter()
+            .position(|(name, _)| name == listener)
+            .ok_or_else(|| StartError::UnknownListener(listener.to_owned()))
     }
 
     /// Sends a listener's command to every worker and waits for their answers.
@@ -158,15 +206,19 @@ impl GatewayHandle {
         listener: &str,
         command: impl Fn(usize, std::sync::mpsc::Sender<Result<(), StartError>>) -> WorkerCommand,
     ) -> Result<(), StartError> {
-        let index = self
-            .listeners
-            .iter()
-            .position(|(name, _)| name == listener)
-            .ok_or_else(|| StartError::UnknownListener(listener.to_owned()))?;
+        let index = self.listener_index(listener)?;
+        self.broadcast(|done| command(index, done))
+    }
+
+    /// Sends a command to every worker and waits for their answers; the last error wins.
+    fn broadcast(
+        &self,
+        mut command: impl FnMut(std::sync::mpsc::Sender<Result<(), StartError>>) -> WorkerCommand,
+    ) -> Result<(), StartError> {
         let (done, results) = std::sync::mpsc::channel();
         let mut asked = 0;
         for commands in &self.commands {
-            if commands.send(command(index, done.clone())).is_ok() {
+            if commands.send(command(done.clone())).is_ok() {
                 asked += 1;
             }
         }
@@ -202,13 +254,10 @@ pub fn start(
         .iter()
         .map(|l| Ok(tls::listener_config(l)?.map(TlsAcceptor::from)))
         .collect::<Result<_, StartError>>()?;
-    let mut cluster_tls = HashMap::new();
-    let plain = tls::plain_cluster_config();
-    for cluster in &spec.clusters {
-        let config = tls::cluster_config(cluster)?.unwrap_or_else(|| plain.clone());
-        cluster_tls.insert(cluster.name.clone(), config);
-    }
-    let cluster_tls = Arc::new(cluster_tls);
+    let cluster_tls = Arc::new(cluster_tls(&spec.clusters)?);
+    let cluster_names = Arc::new(ClusterNames::new(
+        spec.clusters.iter().map(|c| c.name.clone()),
+    ));
     let mut sockets = Vec::new();
     let mut listeners = Vec::new();
     for (index, listener) in spec.listeners.iter().enumerate() {
@@ -250,6 +299,7 @@ pub fn start(
         let tls = WorkerTls {
             acceptors: acceptors.clone(),
             clusters: cluster_tls.clone(),
+            names: cluster_names.clone(),
         };
         // Guest code runs on this thread's stack: room for the Wasm stack limit on top of the
         // 2 MiB a Rust thread gets by default.
@@ -272,6 +322,7 @@ pub fn start(
         shutdown,
         workers,
         commands,
+        cluster_names,
     };
     for _ in 0..handle.workers.len() {
         match ready_rx.recv() {
@@ -302,11 +353,25 @@ where
     }
 }
 
+/// Every cluster's client TLS settings by name (plain clusters carry the plain configuration).
+fn cluster_tls(clusters: &[ClusterSpec]) -> Result<HashMap<String, ClusterTls>, StartError> {
+    let plain = tls::plain_cluster_config();
+    clusters
+        .iter()
+        .map(|cluster| {
+            let config = tls::cluster_config(cluster)?.unwrap_or_else(|| plain.clone());
+            Ok((cluster.name.clone(), config))
+        })
+        .collect()
+}
+
 /// The TLS settings loaded at start-up, shared by the workers.
 struct WorkerTls {
     /// One per listener, in order; `None` for plain listeners.
     acceptors: Vec<Option<TlsAcceptor>>,
     clusters: Arc<HashMap<String, ClusterTls>>,
+    /// Process-wide, with the clusters' names.
+    names: Arc<ClusterNames>,
 }
 
 #[allow(clippy::too_many_arguments)]
@@ -333,17 +398,19 @@ fn run_worker(
     };
     let local = tokio::task::LocalSet::new();
     local.block_on(&tokio, async move {
-        let upstreams = Rc::new(Upstreams::new(&spec.clusters, &tls.clusters));
-        let clusters: Arc<HashSet<String>> =
-            Arc::new(spec.clusters.iter().map(|c| c.name.clone()).collect());
+        let upstreams = Rc::new(UpstreamsCell::new(Upstreams::new(
+            &spec.clusters,
+            &tls.clusters,
+        )));
+        let tcp_clusters = Rc::new(TcpClusters::new(&spec.clusters));
         let worker = Rc::new(WorkerContext {
             runtime,
-            clusters,
+            clusters: tls.names.clone(),
             upstreams: upstreams.clone(),
+            tcp_clusters: tcp_clusters.clone(),
             stats: stats.clone(),
             shutdown: shutdown.clone(),
         });
-        let tcp_clusters = Rc::new(TcpClusters::new(&spec.clusters));
         let tracker = Rc::new(ConnectionTracker::default());
         let mut states = Vec::new();
         let mut listener_states = Vec::new();
@@ -371,7 +438,7 @@ fn run_worker(
                 };
                 let state = Rc::new(TcpListenerState {
                     spec: listener.clone(),
-                    proxy: proxy.clone(),
+                    proxy: RefCell::new(Rc::new(proxy.clone())),
                     chain: RefCell::new(Rc::new(NetworkChain {
                         plugins,
                         missing_plugins: listener.missing_plugins.clone(),
@@ -408,6 +475,7 @@ fn run_worker(
                     // A missing network plugin denies through the HTTP chain's list.
                     missing_plugins: Vec::new(),
                 })),
+                routes: RefCell::new(Rc::from(listener.routes.clone())),
                 upstreams: upstreams.clone(),
                 stats: stats.clone(),
             });
@@ -665,8 +733,9 @@ enum Listener {
 /// What a worker needs to start plugins after start-up.
 struct WorkerContext {
     runtime: Arc<Runtime>,
-    clusters: Arc<HashSet<String>>,
-    upstreams: Rc<Upstreams>,
+    clusters: Arc<ClusterNames>,
+    upstreams: Rc<UpstreamsCell>,
+    tcp_clusters: Rc<TcpClusters>,
     stats: Arc<GatewayStats>,
     shutdown: watch::Receiver<bool>,
 }
@@ -734,7 +803,7 @@ async fn apply_commands(
 ) {
     while let Some(command) = commands.recv().await {
         match command {
-            WorkerCommand::UpdateChain {
+            WorkerCommand::Chain {
                 listener,
                 filters,
                 missing_plugins,
@@ -766,7 +835,7 @@ async fn apply_commands(
                 };
                 let _ = done.send(outcome);
             }
-            WorkerCommand::UpdateNetworkChain {
+            WorkerCommand::NetworkChain {
                 listener,
                 filters,
                 missing_plugins,
@@ -801,6 +870,27 @@ async fn apply_commands(
                     }),
                 };
                 let _ = done.send(outcome);
+            }
+            WorkerCommand::Routing {
+                routes,
+                clusters,
+                tls,
+                done,
+            } => {
+                worker.upstreams.replace(Upstreams::new(&clusters, &tls));
+                worker.tcp_clusters.replace(&clusters);
+                for (listener, routing) in listeners.iter().zip(routes) {
+                    match (listener, routing) {
+                        (Listener::Http(state), Some(ListenerRouting::Http(table))) => {
+                            *state.routes.borrow_mut() = Rc::from(table);
+                        }
+                        (Listener::Tcp(state), Some(ListenerRouting::Tcp(proxy))) => {
+                            *state.proxy.borrow_mut() = Rc::new(proxy);
+                        }
+                        _ => {}
+                    }
+                }
+                let _ = done.send(Ok(()));
             }
         }
     }

@@ -30,10 +30,10 @@ use wasmgate_abi::{Action, PeerType, StreamInfo, StreamType};
 use wasmgate_runtime::{CallOutcome, Runtime, Vm, VmError};
 
 use crate::health::VmHealth;
-use crate::host::{GatewayHost, SharedEffects};
+use crate::host::{ClusterNames, GatewayHost, SharedEffects};
 use crate::spec::{ClusterSpec, FailurePolicy, FilterSpec, ListenerSpec, TcpProxySpec};
 use crate::stats::GatewayStats;
-use crate::upstream::Upstreams;
+use crate::upstream::UpstreamsCell;
 
 /// Bytes read from a socket at a time.
 const READ_CHUNK: usize = 64 * 1024;
@@ -54,9 +54,9 @@ pub(crate) struct NetworkPlugin {
     root: Cell<u32>,
     effects: SharedEffects,
     notify: Notify,
-    upstreams: Rc<Upstreams>,
+    upstreams: Rc<UpstreamsCell>,
     runtime: Arc<Runtime>,
-    clusters: Arc<HashSet<String>>,
+    clusters: Arc<ClusterNames>,
     stats: Arc<GatewayStats>,
     health: VmHealth,
 }
@@ -65,8 +65,8 @@ impl NetworkPlugin {
     pub fn start(
         spec: FilterSpec,
         runtime: Arc<Runtime>,
-        clusters: Arc<HashSet<String>>,
-        upstreams: Rc<Upstreams>,
+        clusters: Arc<ClusterNames>,
+        upstreams: Rc<UpstreamsCell>,
         stats: Arc<GatewayStats>,
     ) -> Result<Rc<Self>, VmError> {
         let (vm, root, effects) = Self::new_vm(&spec, &runtime, &clusters)?;
@@ -89,7 +89,7 @@ impl NetworkPlugin {
     fn new_vm(
         spec: &FilterSpec,
         runtime: &Arc<Runtime>,
-        clusters: &Arc<HashSet<String>>,
+        clusters: &Arc<ClusterNames>,
     ) -> Result<(Vm, u32, SharedEffects), VmError> {
         let effects = SharedEffects::default();
         let (vm, root) = Self::build_vm(spec, runtime, clusters, &effects, 0)?;
@@ -101,7 +101,7 @@ impl NetworkPlugin {
     fn build_vm(
         spec: &FilterSpec,
         runtime: &Arc<Runtime>,
-        clusters: &Arc<HashSet<String>>,
+        clusters: &Arc<ClusterNames>,
         effects: &SharedEffects,
         last_context_id: u32,
     ) -> Result<(Vm, u32), VmError> {
@@ -184,7 +184,7 @@ impl NetworkPlugin {
         for (token, call) in grpc_calls {
             let plugin = self.clone();
             tokio::task::spawn_local(async move {
-                let outcome = plugin.upstreams.grpc_call(&call).await;
+                let outcome = plugin.upstreams.current().grpc_call(&call).await;
                 let result = {
                     let mut vm = plugin.vm.borrow_mut();
                     match outcome {
@@ -206,7 +206,7 @@ impl NetworkPlugin {
         for (token, call) in http_calls {
             let plugin = self.clone();
             tokio::task::spawn_local(async move {
-                let outcome = plugin.upstreams.http_call(&call).await;
+                let outcome = plugin.upstreams.current().http_call(&call).await;
                 if let CallOutcome::Failure { message } = &outcome {
                     tracing::debug!(plugin = %plugin.spec.name, cluster = %call.upstream, "http_call failed: {message}");
                 }
@@ -264,7 +264,8 @@ impl Drop for NetworkPlugin {
 /// A TCP proxy listener on one worker.
 pub(crate) struct TcpListenerState {
     pub spec: ListenerSpec,
-    pub proxy: TcpProxySpec,
+    /// Where connections go, swapped whole by a reload; a connection keeps its upstream.
+    pub proxy: RefCell<Rc<TcpProxySpec>>,
     /// Swapped whole by a chain update; a connection keeps the chain it started with.
     pub chain: RefCell<Rc<NetworkChain>>,
     pub clusters: Rc<TcpClusters>,
@@ -280,22 +281,33 @@ pub(crate) struct NetworkChain {
 
 /// The clusters as TCP destinations: endpoints round robin, per worker.
 pub(crate) struct TcpClusters {
-    clusters: HashMap<String, (ClusterSpec, Cell<usize>)>,
+    /// Replaced whole by a reload that changes the clusters.
+    clusters: RefCell<HashMap<String, (ClusterSpec, Cell<usize>)>>,
 }
 
 impl TcpClusters {
     pub fn new(specs: &[ClusterSpec]) -> Self {
         Self {
-            clusters: specs
-                .iter()
-                .map(|c| (c.name.clone(), (c.clone(), Cell::new(0))))
-                .collect(),
+            clusters: RefCell::new(Self::table(specs)),
         }
     }
 
-    /// Connects to the next endpoint of `cluster` within its connect timeout.
-    async fn connect(&self, cluster: &str) -> Result<TcpStream, (PeerType, String)> {
-        let Some((spec, next)) = self.clusters.get(cluster) else {
+    fn table(specs: &[ClusterSpec]) -> HashMap<String, (ClusterSpec, Cell<usize>)> {
+        specs
+            .iter()
+            .map(|c| (c.name.clone(), (c.clone(), Cell::new(0))))
+            .collect()
+    }
+
+    /// Connections already open keep their upstream; new ones use `specs`.
+    pub fn replace(&self, specs: &[ClusterSpec]) {
+        *self.clusters.borrow_mut() = Self::table(specs);
+    }
+
+    /// The next endpoint of `cluster` and its connect timeout.
+    fn next_endpoint(&self, cluster: &str) -> Result<(String, Duration), (PeerType, String)> {
+        let clusters = self.clusters.borrow();
+        let Some((spec, next)) = clusters.get(cluster) else {
             return Err((PeerType::Local, format!("unknown cluster {cluster}")));
         };
         if spec.endpoints.is_empty() {
@@ -306,10 +318,15 @@ impl TcpClusters {
         }
         let index = next.get();
         next.set(index.wrapping_add(1));
-        let endpoint = &spec.endpoints[index % spec.endpoints.len()];
-        match tokio::time::timeout(spec.connect_timeout, TcpStream::connect(endpoint.as_str()))
-            .await
-        {
+        let endpoint = spec.endpoints[index % spec.endpoints.len()].clone();
+        Ok((endpoint, spec.connect_timeout))
+    }
+
+    /// Connects to the next endpoint of `cluster` within its connect timeout.
+    async fn connect(&self, cluster: &str) -> Result<TcpStream, (PeerType, String)> {
+        // The table is not borrowed across the connect: a reload may replace it meanwhile.
+        let (endpoint, connect_timeout) = self.next_endpoint(cluster)?;
+        match tokio::time::timeout(connect_timeout, TcpStream::connect(endpoint.as_str())).await {
             Ok(Ok(stream)) => {
                 let _ = stream.set_nodelay(true);
                 Ok(stream)
@@ -871,11 +888,12 @@ pub(crate) async fn connection(
         tracing::debug!(listener = %state.spec.name, missing = ?active.missing_plugins, "closing a connection: plugins missing");
         return;
     }
+    let proxy = state.proxy.borrow().clone();
     // TLS passthrough: the ClientHello's SNI picks the cluster; the bytes read go on as the
     // connection's first data.
     let mut initial = Vec::new();
     let mut sni = None;
-    if !state.proxy.sni_routes.is_empty() {
+    if !proxy.sni_routes.is_empty() {
         let inspect = async {
             let mut buf = vec![0u8; READ_CHUNK];
             loop {
@@ -903,7 +921,7 @@ pub(crate) async fn connection(
             }
         }
     }
-    let cluster = state.proxy.cluster_for(sni.as_deref()).to_owned();
+    let cluster = proxy.cluster_for(sni.as_deref()).to_owned();
     let info = StreamInfo {
         source: Some(remote),
         destination: Some(local),

@@ -1,8 +1,9 @@
 //! Clusters on one worker: a keep-alive pool per cluster (hyper-util's client), endpoints taken
 //! round robin, connect and request timeouts, plain HTTP or TLS (hyper-rustls).
 
-use std::cell::Cell;
+use std::cell::{Cell, RefCell};
 use std::collections::HashMap;
+use std::rc::Rc;
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -60,6 +61,24 @@ struct Cluster {
 
 pub(crate) struct Upstreams {
     clusters: HashMap<String, Cluster>,
+}
+
+/// A worker's clusters, replaced whole when a reload changes them: a request or a plugin's call
+/// takes the table current when it starts, so its connection pool outlives the swap.
+pub(crate) struct UpstreamsCell(RefCell<Rc<Upstreams>>);
+
+impl UpstreamsCell {
+    pub fn new(upstreams: Upstreams) -> Self {
+        Self(RefCell::new(Rc::new(upstreams)))
+    }
+
+    pub fn current(&self) -> Rc<Upstreams> {
+        self.0.borrow().clone()
+    }
+
+    pub fn replace(&self, upstreams: Upstreams) {
+        *self.0.borrow_mut() = Rc::new(upstreams);
+    }
 }
 
 impl Upstreams {

@@ -16,8 +16,8 @@ use wasmgate_config::{
 };
 use wasmgate_dataplane::{
     AdminState, ClusterSpec, FailurePolicy, FilterSpec, GatewayHandle, GatewaySpec, GatewayStats,
-    Limits, ListenerSpec, PathMatch, RouteAction, RouteSpec, SniRoute, TcpProxySpec, TlsFiles,
-    UpstreamTls,
+    Limits, ListenerRouting, ListenerSpec, PathMatch, RouteAction, RouteSpec, SniRoute,
+    TcpProxySpec, TlsFiles, UpstreamTls,
 };
 use wasmgate_fetch::{
     Cache, DockerConfig, FetchError, FetchErrorKind, FetchOptions, Fetched, Fetcher, ModuleRequest,
@@ -1106,7 +1106,29 @@ fn reload(
     }
     let prepared = prepare(&config, control, &state.slots)?;
     if let Some(what) = needs_restart(&state.config, &config) {
-        tracing::warn!("{what} changed: that takes effect on restart; plugin changes apply now");
+        tracing::warn!(
+            "{what} changed: that takes effect on restart; plugin, route and cluster changes \
+             apply now"
+        );
+    }
+    // Clusters and routes before chains: a new plugin may call a new cluster at once.
+    if routing(&state.config) != routing(&config) {
+        let routes = prepared
+            .spec
+            .listeners
+            .iter()
+            .map(|l| {
+                let routing = match &l.tcp_proxy {
+                    Some(proxy) => ListenerRouting::Tcp(proxy.clone()),
+                    None => ListenerRouting::Http(l.routes.clone()),
+                };
+                (l.name.clone(), routing)
+            })
+            .collect();
+        gateway
+            .update_routing(routes, prepared.spec.clusters.clone())
+            .context("applying the new routes and clusters")?;
+        tracing::info!("routes and clusters updated");
     }
     for listener in &prepared.spec.listeners {
         swap_chains(
@@ -1142,22 +1164,38 @@ fn swap_chains(
     }
 }
 
-/// What changed that a reload does not apply (it swaps plugin chains only).
+/// What a reload applies besides plugin chains: each listener's routes or TCP proxy target, and
+/// the clusters.
+fn routing(config: &GatewayConfig) -> impl PartialEq + use<> {
+    let listeners: Vec<_> = config
+        .listeners
+        .iter()
+        .map(|l| (l.routes.clone(), l.tcp_proxy.clone()))
+        .collect();
+    (listeners, config.clusters.clone())
+}
+
+/// What changed that a reload does not apply (it swaps plugin chains, routes and clusters).
 fn needs_restart(old: &GatewayConfig, new: &GatewayConfig) -> Option<&'static str> {
-    let without_filters = |c: &GatewayConfig| {
+    let serving_only = |c: &GatewayConfig| {
         c.listeners
             .iter()
             .map(|l| {
                 let mut l = l.clone();
                 l.http_filters.clear();
+                l.network_filters.clear();
+                l.routes.clear();
+                // Turning a listener into a TCP proxy or back is a restart; its target is not.
+                if let Some(proxy) = &mut l.tcp_proxy {
+                    proxy.cluster.clear();
+                    proxy.sni_routes.clear();
+                }
                 l
             })
             .collect::<Vec<_>>()
     };
-    if without_filters(old) != without_filters(new) {
-        Some("a listener's address, routes, TLS or limits")
-    } else if old.clusters != new.clusters {
-        Some("the clusters")
+    if serving_only(old) != serving_only(new) {
+        Some("a listener's address, mode, TLS or limits")
     } else if old.workers != new.workers || old.admin != new.admin {
         Some("workers or admin")
     } else if old.module_fetch != new.module_fetch

@@ -7,7 +7,7 @@ mod common;
 use std::path::Path;
 use std::process::Output;
 
-use common::{plugin, repo, wasmgate};
+use common::{echo_upstream, plugin, repo, wasmgate};
 
 fn plugin_test(module: &Path, cases: &Path, extra: &[&str]) -> Output {
     wasmgate()
@@ -273,34 +273,6 @@ fn bad_inputs_exit_2_naming_the_file_and_field() {
     assert!(String::from_utf8_lossy(&output.stderr).contains("no case matches --filter \"zzz\""));
 }
 
-/// An upstream that answers with the request head it received, so a test sees what went over
-/// the wire.
-fn echo_upstream() -> std::net::SocketAddr {
-    use std::io::{BufRead, BufReader, Write};
-    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-    let address = listener.local_addr().unwrap();
-    std::thread::spawn(move || {
-        for stream in listener.incoming() {
-            let Ok(mut stream) = stream else { continue };
-            let mut reader = BufReader::new(stream.try_clone().unwrap());
-            let mut head = String::new();
-            loop {
-                let mut line = String::new();
-                if reader.read_line(&mut line).unwrap_or(0) == 0 || line == "\r\n" {
-                    break;
-                }
-                head.push_str(&line);
-            }
-            let _ = write!(
-                stream,
-                "HTTP/1.1 200 OK\r\nx-upstream: live\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{head}",
-                head.len()
-            );
-        }
-    });
-    address
-}
-
 #[test]
 fn plugin_run_sends_what_the_plugin_let_through_to_a_live_upstream() {
     let upstream = echo_upstream();
@@ -322,7 +294,7 @@ fn plugin_run_sends_what_the_plugin_let_through_to_a_live_upstream() {
         "request headers, as the upstream received them:",
         "  + x-kitchen-seen: 1",
         "  - x-remove-me: gone",
-        "    x-upstream: live",
+        "    x-upstream: echo",
         "  + x-kitchen-response: 1",
         // The echo proves the edited request went over the wire, to the upstream's authority.
         "GET /live HTTP/1.1",

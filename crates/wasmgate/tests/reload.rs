@@ -315,3 +315,105 @@ fn sighup_reloads_a_rebuilt_module_and_unchanged_plugins_keep_their_vms() {
         (200, Some("r"), Some("s"))
     );
 }
+
+#[test]
+fn routes_clusters_and_tcp_targets_change_on_reload_without_restarting_plugins() {
+    let echo = echo_upstream();
+    let second = fixed_upstream("second upstream");
+    let kitchen = plugin("test_kitchen_sink");
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("gateway.yaml");
+    let yaml = |routes: &str, clusters: &str, tcp_cluster: &str| {
+        format!(
+            "workers: 1\nadmin: 127.0.0.1:0\nlisteners:\n  - name: main\n    address: 127.0.0.1:0\n    http_filters:\n      - name: kitchen\n        vm_config: {{ code: {{ local: {{ filename: {} }} }} }}\n    routes: {routes}\n  - name: tcp\n    address: 127.0.0.1:0\n    tcp_proxy: {{ cluster: {tcp_cluster} }}\nclusters:\n  - {{ name: up, endpoints: [\"{echo}\"] }}\n{clusters}",
+            kitchen.display()
+        )
+    };
+    std::fs::write(
+        &config,
+        yaml("[ { match: { prefix: / }, cluster: up } ]", "", "up"),
+    )
+    .unwrap();
+    let gateway = start_capturing(wasmgate().args(["run", "--config", config.to_str().unwrap()]));
+    let main = gateway.listener("main");
+    let tcp = gateway.listener("tcp");
+    let through_tcp = || {
+        http(
+            tcp,
+            "GET /raw HTTP/1.1\r\nhost: t\r\nconnection: close\r\n\r\n",
+        )
+        .1
+    };
+
+    // No cluster `upstream_cluster` yet: the plugin's call is BAD_ARGUMENT.
+    let (status, answer) = get(main, "/direct", "x-mode: http-call\r\n");
+    assert_eq!(status, 200, "{answer}");
+    assert!(
+        answer.contains("x-kitchen-call-error: BadArgument"),
+        "{answer}"
+    );
+    assert!(through_tcp().contains("GET /raw HTTP/1.1"));
+
+    replace(
+        &config,
+        &yaml(
+            "[ { match: { path: /direct }, direct_response: { status: 418, body: teapot } }, { match: { prefix: /second }, cluster: upstream_cluster }, { match: { prefix: / }, cluster: up } ]",
+            &format!("  - {{ name: upstream_cluster, endpoints: [\"{second}\"] }}\n"),
+            "upstream_cluster",
+        ),
+    );
+    assert!(
+        eventually(Duration::from_secs(20), || {
+            metric(gateway.admin, "wasmgate_config_generation") >= 1
+        }),
+        "{}",
+        gateway.stderr.lock()
+    );
+    let (status, answer) = get(main, "/direct", "");
+    assert_eq!(status, 418, "{answer}");
+    assert!(answer.ends_with("teapot"), "{answer}");
+    let (status, answer) = get(main, "/second/x", "");
+    assert_eq!(status, 200, "{answer}");
+    assert!(answer.ends_with("second upstream"), "{answer}");
+    // The plugin, not restarted, now reaches the new cluster.
+    let (_, answer) = get(main, "/other", "x-mode: http-call\r\n");
+    assert!(answer.contains("x-kitchen-call-status: 200"), "{answer}");
+    assert!(
+        answer.contains("x-kitchen-call-body: second upstream"),
+        "{answer}"
+    );
+    assert_eq!(
+        metric(
+            gateway.admin,
+            "wasmgate_plugin_vm_starts_total{plugin=\"kitchen\"}"
+        ),
+        1
+    );
+    assert!(through_tcp().ends_with("second upstream"));
+    let log = gateway.stderr.lock().clone();
+    assert!(log.contains("routes and clusters updated"), "{log}");
+    assert!(!log.contains("takes effect on restart"), "{log}");
+    let (_, dump) = get(gateway.admin, "/config_dump", "");
+    assert!(dump.contains("upstream_cluster"), "{dump}");
+
+    // A change that still needs a restart says so, and the rest of the reload applies.
+    let current = std::fs::read_to_string(&config).unwrap();
+    replace(
+        &config,
+        &current.replace(
+            "    routes: [",
+            "    limits: { idle_timeout: 60s }\n    routes: [ { match: { path: /new }, direct_response: { status: 202 } }, ",
+        ),
+    );
+    assert!(eventually(Duration::from_secs(20), || {
+        metric(gateway.admin, "wasmgate_config_generation") >= 2
+    }));
+    assert_eq!(get(main, "/new", "").0, 202);
+    assert!(
+        gateway.stderr.lock().contains(
+            "a listener's address, mode, TLS or limits changed: that takes effect on restart"
+        ),
+        "{}",
+        gateway.stderr.lock()
+    );
+}

@@ -167,6 +167,41 @@ fn read_request_head(stream: &mut TcpStream) -> Option<String> {
     Some(String::from_utf8_lossy(&request).into_owned())
 }
 
+/// An upstream that answers 200 with the request head it received (header `x-upstream: echo`),
+/// so a test sees what went over the wire.
+pub fn echo_upstream() -> SocketAddr {
+    answering_upstream(|head| head.to_owned())
+}
+
+/// An upstream that answers 200 with `body` to every request.
+pub fn fixed_upstream(body: &'static str) -> SocketAddr {
+    answering_upstream(move |_| body.to_owned())
+}
+
+fn answering_upstream(answer: impl Fn(&str) -> String + Send + Sync + 'static) -> SocketAddr {
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let address = listener.local_addr().unwrap();
+    let answer = Arc::new(answer);
+    std::thread::spawn(move || {
+        for stream in listener.incoming() {
+            let Ok(mut stream) = stream else { continue };
+            let answer = answer.clone();
+            std::thread::spawn(move || {
+                let Some(head) = read_request_head(&mut stream) else {
+                    return;
+                };
+                let body = answer(&head);
+                let _ = write!(
+                    stream,
+                    "HTTP/1.1 200 OK\r\nx-upstream: echo\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}",
+                    body.len()
+                );
+            });
+        }
+    });
+    address
+}
+
 /// A plain upstream on a thread: answers every request 200 "upstream says hi" after `delay`.
 pub fn upstream(delay: Duration) -> SocketAddr {
     let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
