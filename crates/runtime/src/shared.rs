@@ -47,15 +47,16 @@ impl SharedData {
             .cloned()
     }
 
-    /// Sets `key`; a non-zero `cas` must match the entry's current one.
+    /// Sets `key`; a non-zero `cas` must match an existing entry's current one. A missing key is
+    /// created whatever the `cas`, as in Envoy (proxy-wasm-cpp-host's `SharedData::set`).
     pub fn set(&self, vm_id: &str, key: &[u8], value: &[u8], cas: u32) -> Status {
         let mut entries = self.entries.write();
         let slot = (vm_id.to_owned(), key.to_vec());
-        if cas != 0 {
-            match entries.get(&slot) {
-                Some((_, current)) if *current == cas => {}
-                _ => return Status::CasMismatch,
-            }
+        if cas != 0
+            && let Some((_, current)) = entries.get(&slot)
+            && *current != cas
+        {
+            return Status::CasMismatch;
         }
         // CAS values are never 0: 0 means "unconditional" on the way in.
         let next = self
@@ -396,7 +397,9 @@ mod tests {
         assert_eq!(data.set("vm", b"k", b"2", cas), Status::Ok);
         assert_eq!(data.set("vm", b"k", b"3", cas), Status::CasMismatch);
         assert_eq!(data.get("other-vm", b"k"), None, "VM ids scope the data");
-        assert_eq!(data.set("vm", b"absent", b"x", 5), Status::CasMismatch);
+        // Envoy creates a missing key whatever the CAS.
+        assert_eq!(data.set("vm", b"absent", b"x", 5), Status::Ok);
+        assert_eq!(data.get("vm", b"absent").unwrap().0, b"x");
     }
 
     #[test]

@@ -499,6 +499,7 @@ fn statuses_for_bad_ids_and_unavailable_maps() {
         p.status("proxy_set_shared_data", &[DATA_AT, 4, DATA_AT, 4, 0]),
         0
     );
+    // The key exists now: a CAS that is not its own is refused.
     assert_eq!(
         p.status("proxy_set_shared_data", &[DATA_AT, 4, DATA_AT, 4, 12345]),
         s(Status::CasMismatch)
