@@ -48,6 +48,8 @@ fn the_canonical_plugins_pass_their_own_cases() {
     for (module, cases, count) in [
         ("basic_auth", "plugins/basic-auth/tests/cases.yaml", 8),
         ("add_header", "plugins/add-header/tests/cases.yaml", 6),
+        ("ext_authz", "plugins/ext-authz/tests/cases.yaml", 7),
+        ("rate_limit", "plugins/rate-limit/tests/cases.yaml", 6),
     ] {
         let output = plugin_test(&plugin(module), &repo().join(cases), &[]);
         assert_passes(&output, count);
