@@ -124,6 +124,8 @@ fn serve(state: &AdminState, request: Request<Incoming>) -> Response<Full<Bytes>
             text
         }),
         (&Method::GET, "/config_dump") => json(&state.config_dump.read()),
+        // Envoy's `/listeners`: `name::address` per line, or JSON with `?format=json`.
+        (&Method::GET, "/listeners") => listeners(state, query),
         (&Method::GET, "/plugins") => json(&with_vm_health(state)),
         (&Method::GET, "/logging") => text(StatusCode::OK, "text/plain", loggers(state)),
         (&Method::POST, "/logging") => set_logging(state, query),
@@ -170,6 +172,32 @@ fn loggers(state: &AdminState) -> String {
 /// `POST /logging?wasm=debug` sets the plugins' level; `?level=debug` sets every logger, the
 /// gateway's own included, as Envoy's admin does. One plugin's level (and so its host/VM trace):
 /// `?wasm=trace&plugin=NAME`, or `?wasm.NAME=trace`.
+/// Envoy's shape: `[{"name": ..., "local_address": {"socket_address": {"address", "port_value"}}}]`
+/// under `listener_statuses`, or `name::ip:port` lines.
+fn listeners(state: &AdminState, query: &str) -> Response<Full<Bytes>> {
+    let listeners = state.stats.listeners();
+    if query.split('&').any(|pair| pair == "format=json") {
+        let statuses: Vec<_> = listeners
+            .iter()
+            .map(|(name, address)| {
+                serde_json::json!({
+                    "name": name,
+                    "local_address": { "socket_address": {
+                        "address": address.ip().to_string(),
+                        "port_value": address.port(),
+                    } },
+                })
+            })
+            .collect();
+        return json(&serde_json::json!({ "listener_statuses": statuses }));
+    }
+    let lines: String = listeners
+        .iter()
+        .map(|(name, address)| format!("{name}::{address}\n"))
+        .collect();
+    text(StatusCode::OK, "text/plain", lines)
+}
+
 fn set_logging(state: &AdminState, query: &str) -> Response<Full<Bytes>> {
     let pairs: Vec<(String, String)> = query
         .split('&')

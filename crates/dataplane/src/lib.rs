@@ -20,7 +20,7 @@ mod upstream;
 
 pub use admin::{AdminHandle, AdminState, LogFilterSetter, MetricFilter, start_admin};
 pub use body::GatewayBody;
-pub use server::{GatewayHandle, ListenerRouting, StartError, start};
+pub use server::{BoundListener, GatewayHandle, ListenerRouting, StartError, start};
 pub use spec::{
     ClusterSpec, FailurePolicy, FilterSpec, GatewaySpec, Limits, ListenerSpec, PathMatch,
     RouteAction, RouteSpec, SniRoute, TcpProxySpec, TlsFiles, UpstreamTls,

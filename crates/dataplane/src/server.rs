@@ -27,7 +27,7 @@ use crate::chain::Plugin;
 use crate::host::ClusterNames;
 use crate::idle::{Activity, IdleIo};
 use crate::proxy::{ActiveChain, ConnInfo, ListenerState, handle};
-use crate::spec::{ClusterSpec, FilterSpec, GatewaySpec, RouteSpec, TcpProxySpec};
+use crate::spec::{ClusterSpec, FilterSpec, GatewaySpec, ListenerSpec, RouteSpec, TcpProxySpec};
 use crate::stats::GatewayStats;
 use crate::tcp::{
     self, ConnectionTracker, NetworkChain, NetworkPlugin, TcpClusters, TcpListenerState,
@@ -87,14 +87,14 @@ pub enum ListenerRouting {
 enum WorkerCommand {
     /// Serve new requests on the listener with this chain; requests in flight finish on theirs.
     Chain {
-        listener: usize,
+        listener: String,
         filters: Vec<FilterSpec>,
         missing_plugins: Vec<String>,
         done: std::sync::mpsc::Sender<Result<(), StartError>>,
     },
     /// The same for a TCP proxy listener's network plugins.
     NetworkChain {
-        listener: usize,
+        listener: String,
         filters: Vec<FilterSpec>,
         missing_plugins: Vec<String>,
         done: std::sync::mpsc::Sender<Result<(), StartError>>,
@@ -102,16 +102,27 @@ enum WorkerCommand {
     /// New routes (by listener index; `None` keeps a listener's) and clusters: new requests and
     /// calls take them, those in flight finish on what they started with.
     Routing {
-        routes: Vec<Option<ListenerRouting>>,
+        routes: Vec<(String, ListenerRouting)>,
         clusters: Vec<ClusterSpec>,
         tls: Arc<HashMap<String, ClusterTls>>,
+        done: std::sync::mpsc::Sender<Result<(), StartError>>,
+    },
+    /// Start serving a listener on this worker's copy of its socket.
+    AddListener {
+        spec: Box<ListenerSpec>,
+        socket: std::net::TcpListener,
+        acceptor: Option<TlsAcceptor>,
+        done: std::sync::mpsc::Sender<Result<(), StartError>>,
+    },
+    /// Stop accepting on a listener; its requests in flight finish.
+    RemoveListener {
+        listener: String,
         done: std::sync::mpsc::Sender<Result<(), StartError>>,
     },
 }
 
 /// A running gateway. Dropping it without [`GatewayHandle::shutdown`] leaves the workers running.
 pub struct GatewayHandle {
-    listeners: Vec<(String, SocketAddr)>,
     pub stats: Arc<GatewayStats>,
     shutdown: watch::Sender<bool>,
     workers: Vec<std::thread::JoinHandle<()>>,
@@ -119,17 +130,83 @@ pub struct GatewayHandle {
     cluster_names: Arc<ClusterNames>,
 }
 
+/// A listener's socket bound and its TLS loaded, ready for [`GatewayHandle::add_listener`]: a
+/// reload binds every new listener before it changes anything.
+pub struct BoundListener {
+    spec: ListenerSpec,
+    socket: std::net::TcpListener,
+    acceptor: Option<TlsAcceptor>,
+    pub address: SocketAddr,
+}
+
+impl BoundListener {
+    pub fn name(&self) -> &str {
+        &self.spec.name
+    }
+}
+
 impl GatewayHandle {
     /// The bound address of a listener (useful with port 0).
     pub fn address(&self, listener: &str) -> Option<SocketAddr> {
-        self.listeners
-            .iter()
-            .find(|(name, _)| name == listener)
-            .map(|(_, a)| *a)
+        self.stats.listener_address(listener)
     }
 
-    pub fn addresses(&self) -> &[(String, SocketAddr)] {
-        &self.listeners
+    /// Every listener serving now, with its bound address, in the order they were added.
+    pub fn addresses(&self) -> Vec<(String, SocketAddr)> {
+        self.stats.listeners()
+    }
+
+    /// Binds `spec`'s address and loads its TLS files; `index` is its place in the configuration,
+    /// for the error.
+    pub fn bind(&self, index: usize, spec: ListenerSpec) -> Result<BoundListener, StartError> {
+        bind_listener(index, spec)
+    }
+
+    /// Starts serving a bound listener on every worker. If a worker cannot start its plugins,
+    /// the listener is removed from the others and the error returned.
+    pub fn add_listener(&self, bound: BoundListener) -> Result<SocketAddr, StartError> {
+        let BoundListener {
+            spec,
+            socket,
+            acceptor,
+            address,
+        } = bound;
+        let name = spec.name.clone();
+        // Each worker accepts on its own copy of the socket, as at start-up.
+        let mut copies = (0..self.commands.len())
+            .map(|_| socket.try_clone())
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(|error| StartError::Worker(format!("listener {name}: {error}")))?;
+        drop(socket);
+        let outcome = self.broadcast(|done| WorkerCommand::AddListener {
+            spec: Box::new(spec.clone()),
+            socket: copies.pop().expect("one copy per worker"),
+            acceptor: acceptor.clone(),
+            done,
+        });
+        if let Err(error) = outcome {
+            let _ = self.broadcast(|done| WorkerCommand::RemoveListener {
+                listener: name.clone(),
+                done,
+            });
+            return Err(error);
+        }
+        self.stats.listener_added(name, address);
+        Ok(address)
+    }
+
+    /// Stops accepting on a listener on every worker and closes its socket; requests in flight
+    /// finish (up to 30 s) while idle connections close.
+    pub fn remove_listener(&self, listener: &str) -> Result<(), StartError> {
+        if self.address(listener).is_none() {
+            return Err(StartError::UnknownListener(listener.to_owned()));
+        }
+        let outcome = self.broadcast(|done| WorkerCommand::RemoveListener {
+            listener: listener.to_owned(),
+            done,
+        });
+        self.stats.listener_removed(listener);
+        outcome
     }
 
     /// Stops accepting, lets requests in flight finish (up to 30 s), and joins the workers.
@@ -144,8 +221,8 @@ impl GatewayHandle {
         filters: Vec<FilterSpec>,
         missing_plugins: Vec<String>,
     ) -> Result<(), StartError> {
-        self.on_every_worker(listener, |index, done| WorkerCommand::Chain {
-            listener: index,
+        self.on_every_worker(listener, |listener, done| WorkerCommand::Chain {
+            listener,
             filters: filters.clone(),
             missing_plugins: missing_plugins.clone(),
             done,
@@ -161,8 +238,8 @@ impl GatewayHandle {
         filters: Vec<FilterSpec>,
         missing_plugins: Vec<String>,
     ) -> Result<(), StartError> {
-        self.on_every_worker(listener, |index, done| WorkerCommand::NetworkChain {
-            listener: index,
+        self.on_every_worker(listener, |listener, done| WorkerCommand::NetworkChain {
+            listener,
             filters: filters.clone(),
             missing_plugins: missing_plugins.clone(),
             done,
@@ -178,36 +255,31 @@ impl GatewayHandle {
         clusters: Vec<ClusterSpec>,
     ) -> Result<(), StartError> {
         let tls = Arc::new(cluster_tls(&clusters)?);
-        let mut by_index: Vec<Option<ListenerRouting>> = vec![None; self.listeners.len()];
-        for (listener, table) in routes {
-            let index = self.listener_index(&listener)?;
-            by_index[index] = Some(table);
+        for (listener, _) in &routes {
+            if self.address(listener).is_none() {
+                return Err(StartError::UnknownListener(listener.clone()));
+            }
         }
         self.cluster_names
             .replace(clusters.iter().map(|c| c.name.clone()));
         self.broadcast(|done| WorkerCommand::Routing {
-            routes: by_index.clone(),
+            routes: routes.clone(),
             clusters: clusters.clone(),
             tls: tls.clone(),
             done,
         })
     }
 
-    fn listener_index(&self, listener: &str) -> Result<usize, StartError> {
-        self.listeners
-            .iter()
-            .position(|(name, _)| name == listener)
-            .ok_or_else(|| StartError::UnknownListener(listener.to_owned()))
-    }
-
     /// Sends a listener's command to every worker and waits for their answers.
     fn on_every_worker(
         &self,
         listener: &str,
-        command: impl Fn(usize, std::sync::mpsc::Sender<Result<(), StartError>>) -> WorkerCommand,
+        command: impl Fn(String, std::sync::mpsc::Sender<Result<(), StartError>>) -> WorkerCommand,
     ) -> Result<(), StartError> {
-        let index = self.listener_index(listener)?;
-        self.broadcast(|done| command(index, done))
+        if self.address(listener).is_none() {
+            return Err(StartError::UnknownListener(listener.to_owned()));
+        }
+        self.broadcast(|done| command(listener.to_owned(), done))
     }
 
     /// Sends a command to every worker and waits for their answers; the last error wins.
@@ -248,33 +320,20 @@ pub fn start(
     spec: GatewaySpec,
     stats: Arc<GatewayStats>,
 ) -> Result<GatewayHandle, StartError> {
-    // TLS first: a bad file stops start-up before anything listens.
-    let acceptors: Vec<Option<TlsAcceptor>> = spec
-        .listeners
-        .iter()
-        .map(|l| Ok(tls::listener_config(l)?.map(TlsAcceptor::from)))
-        .collect::<Result<_, StartError>>()?;
+    // TLS and sockets first: a bad file or a busy address stops start-up before anything serves.
+    let mut bound = Vec::new();
+    for (index, listener) in spec.listeners.iter().enumerate() {
+        bound.push(bind_listener(index, listener.clone())?);
+    }
+    let acceptors: Vec<Option<TlsAcceptor>> = bound.iter().map(|b| b.acceptor.clone()).collect();
     let cluster_tls = Arc::new(cluster_tls(&spec.clusters)?);
     let cluster_names = Arc::new(ClusterNames::new(
         spec.clusters.iter().map(|c| c.name.clone()),
     ));
-    let mut sockets = Vec::new();
-    let mut listeners = Vec::new();
-    for (index, listener) in spec.listeners.iter().enumerate() {
-        let bind_error = |source| StartError::Bind {
-            index,
-            name: listener.name.clone(),
-            address: listener.address,
-            source,
-        };
-        let socket = std::net::TcpListener::bind(listener.address).map_err(bind_error)?;
-        socket.set_nonblocking(true).map_err(bind_error)?;
-        listeners.push((
-            listener.name.clone(),
-            socket.local_addr().map_err(bind_error)?,
-        ));
-        sockets.push(socket);
+    for b in &bound {
+        stats.listener_added(b.spec.name.clone(), b.address);
     }
+    let sockets: Vec<std::net::TcpListener> = bound.into_iter().map(|b| b.socket).collect();
     let (shutdown, shutdown_rx) = watch::channel(false);
     let (ready_tx, ready_rx) = std::sync::mpsc::channel::<Result<(), StartError>>();
     let connection_ids = Arc::new(AtomicU64::new(0));
@@ -317,7 +376,6 @@ pub fn start(
     }
     drop(ready_tx);
     let handle = GatewayHandle {
-        listeners,
         stats,
         shutdown,
         workers,
@@ -351,6 +409,25 @@ where
     fn execute(&self, future: F) {
         tokio::task::spawn_local(future);
     }
+}
+
+fn bind_listener(index: usize, spec: ListenerSpec) -> Result<BoundListener, StartError> {
+    let acceptor = tls::listener_config(&spec)?.map(TlsAcceptor::from);
+    let bind_error = |source| StartError::Bind {
+        index,
+        name: spec.name.clone(),
+        address: spec.address,
+        source,
+    };
+    let socket = std::net::TcpListener::bind(spec.address).map_err(bind_error)?;
+    socket.set_nonblocking(true).map_err(bind_error)?;
+    let address = socket.local_addr().map_err(bind_error)?;
+    Ok(BoundListener {
+        spec,
+        socket,
+        acceptor,
+        address,
+    })
 }
 
 /// Every cluster's client TLS settings by name (plain clusters carry the plain configuration).
@@ -398,140 +475,48 @@ fn run_worker(
     };
     let local = tokio::task::LocalSet::new();
     local.block_on(&tokio, async move {
-        let upstreams = Rc::new(UpstreamsCell::new(Upstreams::new(
-            &spec.clusters,
-            &tls.clusters,
-        )));
-        let tcp_clusters = Rc::new(TcpClusters::new(&spec.clusters));
         let worker = Rc::new(WorkerContext {
             runtime,
             clusters: tls.names.clone(),
-            upstreams: upstreams.clone(),
-            tcp_clusters: tcp_clusters.clone(),
-            stats: stats.clone(),
+            upstreams: Rc::new(UpstreamsCell::new(Upstreams::new(
+                &spec.clusters,
+                &tls.clusters,
+            ))),
+            tcp_clusters: Rc::new(TcpClusters::new(&spec.clusters)),
+            stats,
             shutdown: shutdown.clone(),
+            connection_ids,
+            tracker: Rc::new(ConnectionTracker::default()),
         });
-        let tracker = Rc::new(ConnectionTracker::default());
-        let mut states = Vec::new();
-        let mut listener_states = Vec::new();
+        let mut listeners = Vec::new();
         for ((listener, socket), acceptor) in spec.listeners.iter().zip(sockets).zip(tls.acceptors)
         {
-            let socket = match tokio::net::TcpListener::from_std(socket) {
-                Ok(socket) => socket,
+            match worker.start_listener(listener, socket, acceptor) {
+                Ok(started) => listeners.push(started),
                 Err(error) => {
-                    let _ = ready.send(Err(StartError::Worker(error.to_string())));
+                    let _ = ready.send(Err(error));
                     return;
                 }
-            };
-            let plugin_error = |(plugin, error): (String, VmError)| StartError::Plugin {
-                listener: listener.name.clone(),
-                plugin,
-                error: Box::new(error),
-            };
-            if let Some(proxy) = &listener.tcp_proxy {
-                let plugins = match worker.start_network_plugins(&listener.network_filters, &[]) {
-                    Ok(plugins) => plugins,
-                    Err(error) => {
-                        let _ = ready.send(Err(plugin_error(error)));
-                        return;
-                    }
-                };
-                let state = Rc::new(TcpListenerState {
-                    spec: listener.clone(),
-                    proxy: RefCell::new(Rc::new(proxy.clone())),
-                    chain: RefCell::new(Rc::new(NetworkChain {
-                        plugins,
-                        missing_plugins: listener.missing_plugins.clone(),
-                    })),
-                    clusters: tcp_clusters.clone(),
-                    stats: stats.clone(),
-                });
-                listener_states.push(Listener::Tcp(state.clone()));
-                states.push(Serving::Tcp(state, socket));
-                continue;
             }
-            let network = match worker.start_network_plugins(&listener.network_filters, &[]) {
-                Ok(plugins) => plugins,
-                Err(error) => {
-                    let _ = ready.send(Err(plugin_error(error)));
-                    return;
-                }
-            };
-            let plugins = match worker.start_plugins(&listener.filters, &[]) {
-                Ok(plugins) => plugins,
-                Err(error) => {
-                    let _ = ready.send(Err(plugin_error(error)));
-                    return;
-                }
-            };
-            let state = Rc::new(ListenerState {
-                spec: listener.clone(),
-                chain: RefCell::new(Rc::new(ActiveChain {
-                    plugins,
-                    missing_plugins: listener.missing_plugins.clone(),
-                })),
-                network: RefCell::new(Rc::new(NetworkChain {
-                    plugins: network,
-                    // A missing network plugin denies through the HTTP chain's list.
-                    missing_plugins: Vec::new(),
-                })),
-                routes: RefCell::new(Rc::from(listener.routes.clone())),
-                upstreams: upstreams.clone(),
-                stats: stats.clone(),
-            });
-            listener_states.push(Listener::Http(state.clone()));
-            states.push(Serving::Http(state, socket, acceptor));
         }
+        let listeners = Rc::new(RefCell::new(listeners));
         let _ = ready.send(Ok(()));
-        let graceful = Rc::new(GracefulShutdown::new());
-        let mut loops = Vec::new();
-        tokio::task::spawn_local(apply_commands(worker.clone(), listener_states, commands));
-        for serving in states {
-            match serving {
-                Serving::Http(state, socket, acceptor) => {
-                    for plugin in &state.chain.borrow().plugins {
-                        worker.spawn_timers(plugin);
-                    }
-                    for plugin in &state.network.borrow().plugins {
-                        worker.spawn_timers(plugin);
-                    }
-                    loops.push(tokio::task::spawn_local(accept_loop(
-                        state,
-                        socket,
-                        acceptor,
-                        Rc::downgrade(&graceful),
-                        shutdown.clone(),
-                        connection_ids.clone(),
-                    )));
-                }
-                Serving::Tcp(state, socket) => {
-                    for plugin in &state.chain.borrow().plugins {
-                        worker.spawn_timers(plugin);
-                    }
-                    loops.push(tokio::task::spawn_local(tcp::accept_loop(
-                        state,
-                        socket,
-                        shutdown.clone(),
-                        connection_ids.clone(),
-                        tracker.clone(),
-                    )));
-                }
+        tokio::task::spawn_local(apply_commands(worker.clone(), listeners.clone(), commands));
+        let mut shutdown = shutdown;
+        while !*shutdown.borrow_and_update() {
+            if shutdown.changed().await.is_err() {
+                break;
             }
         }
-        for accept in loops {
-            let _ = accept.await;
-        }
-        if let Ok(graceful) = Rc::try_unwrap(graceful)
-            && tokio::time::timeout(DRAIN_TIMEOUT, graceful.shutdown())
-                .await
-                .is_err()
-        {
-            tracing::warn!(
-                "requests still in flight after {DRAIN_TIMEOUT:?}; closing their connections"
-            );
+        let stopping: Vec<_> = std::mem::take(&mut *listeners.borrow_mut())
+            .into_iter()
+            .map(|listener| tokio::task::spawn_local(listener.stop()))
+            .collect();
+        for stopped in stopping {
+            let _ = stopped.await;
         }
         // TCP proxy connections close on shutdown; let their close callbacks run.
-        let _ = tokio::time::timeout(DRAIN_TIMEOUT, tracker.drained()).await;
+        let _ = tokio::time::timeout(DRAIN_TIMEOUT, worker.tracker.drained()).await;
     });
 }
 
@@ -714,20 +699,44 @@ async fn serve<I>(
     }
 }
 
-/// A listener being started on a worker.
-enum Serving {
-    Http(
-        Rc<ListenerState>,
-        tokio::net::TcpListener,
-        Option<TlsAcceptor>,
-    ),
-    Tcp(Rc<TcpListenerState>, tokio::net::TcpListener),
-}
-
 /// A worker's listener, as chain updates find it.
 enum Listener {
     Http(Rc<ListenerState>),
     Tcp(Rc<TcpListenerState>),
+}
+
+/// A listener serving on a worker: its accept loop, and how to stop it.
+struct WorkerListener {
+    name: String,
+    listener: Listener,
+    /// Set (or dropped) to stop accepting; TCP proxy connections close on it too.
+    stop: watch::Sender<bool>,
+    accepting: tokio::task::JoinHandle<()>,
+    /// The HTTP connections accepted, for draining them when the listener stops.
+    graceful: Rc<GracefulShutdown>,
+}
+
+impl WorkerListener {
+    /// Stops accepting, then lets requests in flight finish (up to [`DRAIN_TIMEOUT`]) while
+    /// idle keep-alive connections close.
+    async fn stop(self) {
+        let _ = self.stop.send(true);
+        let _ = self.accepting.await;
+        drain(&self.name, self.graceful).await;
+    }
+}
+
+async fn drain(listener: &str, graceful: Rc<GracefulShutdown>) {
+    if let Ok(graceful) = Rc::try_unwrap(graceful)
+        && tokio::time::timeout(DRAIN_TIMEOUT, graceful.shutdown())
+            .await
+            .is_err()
+    {
+        tracing::warn!(
+            listener,
+            "requests still in flight after {DRAIN_TIMEOUT:?}; closing their connections"
+        );
+    }
 }
 
 /// What a worker needs to start plugins after start-up.
@@ -738,9 +747,96 @@ struct WorkerContext {
     tcp_clusters: Rc<TcpClusters>,
     stats: Arc<GatewayStats>,
     shutdown: watch::Receiver<bool>,
+    connection_ids: Arc<AtomicU64>,
+    tracker: Rc<ConnectionTracker>,
 }
 
 impl WorkerContext {
+    /// Starts the listener's plugins and its accept loop on `socket` (non-blocking, bound).
+    fn start_listener(
+        &self,
+        listener: &ListenerSpec,
+        socket: std::net::TcpListener,
+        acceptor: Option<TlsAcceptor>,
+    ) -> Result<WorkerListener, StartError> {
+        let socket = tokio::net::TcpListener::from_std(socket)
+            .map_err(|error| StartError::Worker(error.to_string()))?;
+        let plugin_error = |(plugin, error): (String, VmError)| StartError::Plugin {
+            listener: listener.name.clone(),
+            plugin,
+            error: Box::new(error),
+        };
+        let (stop, stopped) = watch::channel(false);
+        let graceful = Rc::new(GracefulShutdown::new());
+        let network = self
+            .start_network_plugins(&listener.network_filters, &[])
+            .map_err(plugin_error)?;
+        let (state, accepting) = if let Some(proxy) = &listener.tcp_proxy {
+            let state = Rc::new(TcpListenerState {
+                spec: listener.clone(),
+                proxy: RefCell::new(Rc::new(proxy.clone())),
+                chain: RefCell::new(Rc::new(NetworkChain {
+                    plugins: network,
+                    missing_plugins: listener.missing_plugins.clone(),
+                })),
+                clusters: self.tcp_clusters.clone(),
+                stats: self.stats.clone(),
+            });
+            for plugin in &state.chain.borrow().plugins {
+                self.spawn_timers(plugin);
+            }
+            let accepting = tokio::task::spawn_local(tcp::accept_loop(
+                state.clone(),
+                socket,
+                stopped,
+                self.connection_ids.clone(),
+                self.tracker.clone(),
+            ));
+            (Listener::Tcp(state), accepting)
+        } else {
+            let plugins = self
+                .start_plugins(&listener.filters, &[])
+                .map_err(plugin_error)?;
+            let state = Rc::new(ListenerState {
+                spec: listener.clone(),
+                chain: RefCell::new(Rc::new(ActiveChain {
+                    plugins,
+                    missing_plugins: listener.missing_plugins.clone(),
+                })),
+                network: RefCell::new(Rc::new(NetworkChain {
+                    plugins: network,
+                    // A missing network plugin denies through the HTTP chain's list.
+                    missing_plugins: Vec::new(),
+                })),
+                routes: RefCell::new(Rc::from(listener.routes.clone())),
+                upstreams: self.upstreams.clone(),
+                stats: self.stats.clone(),
+            });
+            for plugin in &state.chain.borrow().plugins {
+                self.spawn_timers(plugin);
+            }
+            for plugin in &state.network.borrow().plugins {
+                self.spawn_timers(plugin);
+            }
+            let accepting = tokio::task::spawn_local(accept_loop(
+                state.clone(),
+                socket,
+                acceptor,
+                Rc::downgrade(&graceful),
+                stopped,
+                self.connection_ids.clone(),
+            ));
+            (Listener::Http(state), accepting)
+        };
+        Ok(WorkerListener {
+            name: listener.name.clone(),
+            listener: state,
+            stop,
+            accepting,
+            graceful,
+        })
+    }
+
     /// A plugin per filter, reusing those of `current` that did not change. On failure, the name
     /// of the plugin that did not start.
     fn start_plugins(
@@ -795,12 +891,14 @@ impl WorkerContext {
     }
 }
 
-/// Applies the control side's chain updates on this worker.
+/// Applies the control side's updates on this worker.
 async fn apply_commands(
     worker: Rc<WorkerContext>,
-    listeners: Vec<Listener>,
+    listeners: Rc<RefCell<Vec<WorkerListener>>>,
     mut commands: tokio::sync::mpsc::UnboundedReceiver<WorkerCommand>,
 ) {
+    let find =
+        |listeners: &[WorkerListener], name: &str| listeners.iter().position(|l| l.name == name);
     while let Some(command) = commands.recv().await {
         match command {
             WorkerCommand::Chain {
@@ -809,9 +907,15 @@ async fn apply_commands(
                 missing_plugins,
                 done,
             } => {
-                let Some(Listener::Http(state)) = listeners.get(listener) else {
-                    let _ = done.send(Err(StartError::UnknownListener(listener.to_string())));
-                    continue;
+                let state = {
+                    let listeners = listeners.borrow();
+                    match find(&listeners, &listener).map(|i| &listeners[i].listener) {
+                        Some(Listener::Http(state)) => state.clone(),
+                        _ => {
+                            let _ = done.send(Err(StartError::UnknownListener(listener)));
+                            continue;
+                        }
+                    }
                 };
                 let current = state.chain.borrow().clone();
                 let outcome = match worker.start_plugins(&filters, &current.plugins) {
@@ -841,13 +945,21 @@ async fn apply_commands(
                 missing_plugins,
                 done,
             } => {
-                let (name, slot) = match listeners.get(listener) {
-                    Some(Listener::Tcp(state)) => (&state.spec.name, &state.chain),
-                    Some(Listener::Http(state)) => (&state.spec.name, &state.network),
-                    None => {
-                        let _ = done.send(Err(StartError::UnknownListener(listener.to_string())));
-                        continue;
+                let (tcp, http) = {
+                    let listeners = listeners.borrow();
+                    match find(&listeners, &listener).map(|i| &listeners[i].listener) {
+                        Some(Listener::Tcp(state)) => (Some(state.clone()), None),
+                        Some(Listener::Http(state)) => (None, Some(state.clone())),
+                        None => {
+                            let _ = done.send(Err(StartError::UnknownListener(listener)));
+                            continue;
+                        }
                     }
+                };
+                let slot = match (&tcp, &http) {
+                    (Some(state), _) => &state.chain,
+                    (_, Some(state)) => &state.network,
+                    _ => unreachable!("one of the two is set above"),
                 };
                 let current = slot.borrow().clone();
                 let outcome = match worker.start_network_plugins(&filters, &current.plugins) {
@@ -864,7 +976,7 @@ async fn apply_commands(
                         Ok(())
                     }
                     Err((plugin, error)) => Err(StartError::Plugin {
-                        listener: name.clone(),
+                        listener: listener.clone(),
                         plugin,
                         error: Box::new(error),
                     }),
@@ -879,18 +991,62 @@ async fn apply_commands(
             } => {
                 worker.upstreams.replace(Upstreams::new(&clusters, &tls));
                 worker.tcp_clusters.replace(&clusters);
-                for (listener, routing) in listeners.iter().zip(routes) {
-                    match (listener, routing) {
-                        (Listener::Http(state), Some(ListenerRouting::Http(table))) => {
+                let listeners = listeners.borrow();
+                for (name, routing) in routes {
+                    let Some(index) = find(&listeners, &name) else {
+                        continue;
+                    };
+                    match (&listeners[index].listener, routing) {
+                        (Listener::Http(state), ListenerRouting::Http(table)) => {
                             *state.routes.borrow_mut() = Rc::from(table);
                         }
-                        (Listener::Tcp(state), Some(ListenerRouting::Tcp(proxy))) => {
+                        (Listener::Tcp(state), ListenerRouting::Tcp(proxy)) => {
                             *state.proxy.borrow_mut() = Rc::new(proxy);
                         }
                         _ => {}
                     }
                 }
                 let _ = done.send(Ok(()));
+            }
+            WorkerCommand::AddListener {
+                spec,
+                socket,
+                acceptor,
+                done,
+            } => {
+                let outcome = worker
+                    .start_listener(&spec, socket, acceptor)
+                    .map(|started| listeners.borrow_mut().push(started));
+                let _ = done.send(outcome);
+            }
+            WorkerCommand::RemoveListener { listener, done } => {
+                let removed = {
+                    let mut listeners = listeners.borrow_mut();
+                    find(&listeners, &listener).map(|index| listeners.remove(index))
+                };
+                match removed {
+                    Some(removed) => {
+                        let WorkerListener {
+                            name,
+                            stop,
+                            accepting,
+                            graceful,
+                            ..
+                        } = removed;
+                        let _ = stop.send(true);
+                        // Answer once this worker's socket is closed (the address may be bound
+                        // again at once); requests in flight drain after.
+                        let _ = accepting.await;
+                        let _ = done.send(Ok(()));
+                        tokio::task::spawn_local(async move {
+                            drain(&name, graceful).await;
+                            drop(stop);
+                        });
+                    }
+                    None => {
+                        let _ = done.send(Err(StartError::UnknownListener(listener)));
+                    }
+                }
             }
         }
     }

@@ -1,6 +1,7 @@
 //! The gateway's own metrics, exposed at the admin `/stats/prometheus` beside the plugins' ones.
 
 use std::fmt::Write;
+use std::net::SocketAddr;
 use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
 use std::time::Duration;
 
@@ -25,6 +26,8 @@ pub struct GatewayStats {
     vms: Mutex<Vec<(String, i64, u64)>>,
     /// Per plugin name: VM failures and FAIL_RELOAD rebuilds.
     health: Mutex<Vec<PluginHealth>>,
+    /// The listeners serving now and their bound addresses (admin `/listeners`).
+    listeners: Mutex<Vec<(String, SocketAddr)>>,
 }
 
 /// A plugin's VM failures (traps, stopped loops, exhausted memory) and FAIL_RELOAD rebuilds, over
@@ -43,6 +46,27 @@ pub struct PluginHealth {
 }
 
 impl GatewayStats {
+    /// The listeners serving now with their bound addresses, in the order they were added.
+    pub fn listeners(&self) -> Vec<(String, SocketAddr)> {
+        self.listeners.lock().clone()
+    }
+
+    pub fn listener_address(&self, name: &str) -> Option<SocketAddr> {
+        self.listeners
+            .lock()
+            .iter()
+            .find(|(n, _)| n == name)
+            .map(|(_, a)| *a)
+    }
+
+    pub(crate) fn listener_added(&self, name: String, address: SocketAddr) {
+        self.listeners.lock().push((name, address));
+    }
+
+    pub(crate) fn listener_removed(&self, name: &str) {
+        self.listeners.lock().retain(|(n, _)| n != name);
+    }
+
     pub(crate) fn record_response(&self, status: u16, latency: Duration) {
         let class = (status / 100).clamp(1, 5) as usize - 1;
         self.responses[class].fetch_add(1, Ordering::Relaxed);

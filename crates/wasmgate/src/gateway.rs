@@ -1091,32 +1091,34 @@ fn reload(
         bail!("the built-in quickstart has no configuration file to reload");
     };
     let config = GatewayConfig::load(path).map_err(|errors| anyhow::anyhow!("{errors}"))?;
-    let names = |c: &GatewayConfig| {
-        c.listeners
-            .iter()
-            .map(|l| l.name.clone())
-            .collect::<Vec<_>>()
-    };
-    if names(&config) != names(&state.config) {
-        bail!(
-            "the listeners changed ({:?} -> {:?}); adding, removing or renaming listeners needs a restart",
-            names(&state.config),
-            names(&config)
-        );
-    }
     let prepared = prepare(&config, control, &state.slots)?;
     if let Some(what) = needs_restart(&state.config, &config) {
         tracing::warn!(
-            "{what} changed: that takes effect on restart; plugin, route and cluster changes \
-             apply now"
+            "{what} changed: that takes effect on restart; plugins, listeners, routes and \
+             clusters apply now"
         );
     }
+    let plan = ListenerPlan::new(&state.config, &config);
+    // New sockets first: an address that cannot be bound refuses the reload before anything
+    // changed. A listener that keeps its address but changes how it serves is bound after its
+    // old self closed.
+    let mut bound = Vec::new();
+    for (index, listener) in prepared.spec.listeners.iter().enumerate() {
+        if plan.binds_first(&listener.name) {
+            bound.push(
+                gateway
+                    .bind(index, listener.clone())
+                    .context("binding a new listener")?,
+            );
+        }
+    }
     // Clusters and routes before chains: a new plugin may call a new cluster at once.
-    if routing(&state.config) != routing(&config) {
+    if routing_changed(&state.config, &config, &plan.kept) {
         let routes = prepared
             .spec
             .listeners
             .iter()
+            .filter(|l| plan.kept.contains(&l.name))
             .map(|l| {
                 let routing = match &l.tcp_proxy {
                     Some(proxy) => ListenerRouting::Tcp(proxy.clone()),
@@ -1131,6 +1133,9 @@ fn reload(
         tracing::info!("routes and clusters updated");
     }
     for listener in &prepared.spec.listeners {
+        if !plan.kept.contains(&listener.name) {
+            continue;
+        }
         swap_chains(
             gateway,
             &prepared.slots,
@@ -1139,9 +1144,128 @@ fn reload(
         )
         .with_context(|| format!("listener {}", listener.name))?;
     }
+    for name in plan.removed.iter().chain(&plan.replaced) {
+        gateway
+            .remove_listener(name)
+            .with_context(|| format!("removing listener {name}"))?;
+        tracing::info!(listener = %name, "listener stopped; its requests in flight finish");
+    }
+    for (index, listener) in prepared.spec.listeners.iter().enumerate() {
+        if plan.replaced.contains(&listener.name) && !plan.binds_first(&listener.name) {
+            bound.push(
+                gateway
+                    .bind(index, listener.clone())
+                    .context("binding a changed listener")?,
+            );
+        }
+    }
+    for listener in bound {
+        let name = listener.name().to_owned();
+        let address = gateway
+            .add_listener(listener)
+            .with_context(|| format!("starting listener {name}"))?;
+        tracing::info!(listener = %name, %address, "listener started");
+        // The same line start-up prints, for whoever reads the addresses from stdout.
+        println!("listener {name} on {address}");
+        use std::io::Write;
+        let _ = std::io::stdout().flush();
+    }
     state.slots = prepared.slots;
     state.config = config;
     Ok(prepared.config_dump)
+}
+
+/// How a reload changes the set of listeners, by name.
+struct ListenerPlan {
+    /// In both configurations and serving the same way: their chains, routes and TCP targets
+    /// are swapped in place.
+    kept: Vec<String>,
+    /// Gone from the new configuration.
+    removed: Vec<String>,
+    /// Only in the new configuration.
+    added: Vec<String>,
+    /// In both, but with another address, TLS, limits, mode or kind (HTTP or TCP proxy): the
+    /// old one stops and the new one starts.
+    replaced: Vec<String>,
+    /// The addresses of the replaced listeners before the reload, by name.
+    old_addresses: Vec<(String, SocketAddr)>,
+    new_addresses: Vec<(String, SocketAddr)>,
+}
+
+impl ListenerPlan {
+    fn new(old: &GatewayConfig, new: &GatewayConfig) -> Self {
+        let mut plan = ListenerPlan {
+            kept: Vec::new(),
+            removed: Vec::new(),
+            added: Vec::new(),
+            replaced: Vec::new(),
+            old_addresses: old
+                .listeners
+                .iter()
+                .map(|l| (l.name.clone(), l.address))
+                .collect(),
+            new_addresses: new
+                .listeners
+                .iter()
+                .map(|l| (l.name.clone(), l.address))
+                .collect(),
+        };
+        for listener in &new.listeners {
+            match old.listeners.iter().find(|l| l.name == listener.name) {
+                None => plan.added.push(listener.name.clone()),
+                Some(before) if serving(before) == serving(listener) => {
+                    plan.kept.push(listener.name.clone())
+                }
+                Some(_) => plan.replaced.push(listener.name.clone()),
+            }
+        }
+        for listener in &old.listeners {
+            if !new.listeners.iter().any(|l| l.name == listener.name) {
+                plan.removed.push(listener.name.clone());
+            }
+        }
+        plan
+    }
+
+    /// Whether `name`'s new socket is bound before anything changes: every new listener, and a
+    /// replaced one unless it keeps an address that a listener being removed or replaced holds
+    /// (a fixed port cannot be bound twice).
+    fn binds_first(&self, name: &str) -> bool {
+        let address =
+            |list: &[(String, SocketAddr)]| list.iter().find(|(n, _)| n == name).map(|(_, a)| *a);
+        if !self.added.iter().chain(&self.replaced).any(|n| n == name) {
+            return false;
+        }
+        let Some(new) = address(&self.new_addresses) else {
+            return false;
+        };
+        let released = self
+            .removed
+            .iter()
+            .chain(&self.replaced)
+            .filter_map(|n| {
+                self.old_addresses
+                    .iter()
+                    .find(|(old, _)| old == n)
+                    .map(|(_, a)| *a)
+            })
+            .any(|old| old == new && new.port() != 0);
+        !released
+    }
+}
+
+/// What makes a listener the same listener: everything but its plugins, routes and TCP target.
+fn serving(listener: &wasmgate_config::Listener) -> wasmgate_config::Listener {
+    let mut listener = listener.clone();
+    listener.http_filters.clear();
+    listener.network_filters.clear();
+    listener.routes.clear();
+    // Turning a listener into a TCP proxy or back replaces it; its target does not.
+    if let Some(proxy) = &mut listener.tcp_proxy {
+        proxy.cluster.clear();
+        proxy.sni_routes.clear();
+    }
+    listener
 }
 
 /// Swaps a listener's chains on every worker for those `slots` describe.
@@ -1164,39 +1288,26 @@ fn swap_chains(
     }
 }
 
-/// What a reload applies besides plugin chains: each listener's routes or TCP proxy target, and
-/// the clusters.
-fn routing(config: &GatewayConfig) -> impl PartialEq + use<> {
-    let listeners: Vec<_> = config
-        .listeners
-        .iter()
-        .map(|l| (l.routes.clone(), l.tcp_proxy.clone()))
-        .collect();
-    (listeners, config.clusters.clone())
+/// Whether the clusters, or the routes or TCP proxy target of a listener kept across a reload,
+/// changed.
+fn routing_changed(old: &GatewayConfig, new: &GatewayConfig, kept: &[String]) -> bool {
+    let routing = |config: &GatewayConfig, name: &str| {
+        config
+            .listeners
+            .iter()
+            .find(|l| l.name == name)
+            .map(|l| (l.routes.clone(), l.tcp_proxy.clone()))
+    };
+    old.clusters != new.clusters
+        || kept
+            .iter()
+            .any(|name| routing(old, name) != routing(new, name))
 }
 
-/// What changed that a reload does not apply (it swaps plugin chains, routes and clusters).
+/// What changed that a reload does not apply (it applies plugins, listeners, routes and
+/// clusters).
 fn needs_restart(old: &GatewayConfig, new: &GatewayConfig) -> Option<&'static str> {
-    let serving_only = |c: &GatewayConfig| {
-        c.listeners
-            .iter()
-            .map(|l| {
-                let mut l = l.clone();
-                l.http_filters.clear();
-                l.network_filters.clear();
-                l.routes.clear();
-                // Turning a listener into a TCP proxy or back is a restart; its target is not.
-                if let Some(proxy) = &mut l.tcp_proxy {
-                    proxy.cluster.clear();
-                    proxy.sni_routes.clear();
-                }
-                l
-            })
-            .collect::<Vec<_>>()
-    };
-    if serving_only(old) != serving_only(new) {
-        Some("a listener's address, mode, TLS or limits")
-    } else if old.workers != new.workers || old.admin != new.admin {
+    if old.workers != new.workers || old.admin != new.admin {
         Some("workers or admin")
     } else if old.module_fetch != new.module_fetch
         || old.module_cache != new.module_cache

@@ -396,7 +396,7 @@ fn routes_clusters_and_tcp_targets_change_on_reload_without_restarting_plugins()
     let (_, dump) = get(gateway.admin, "/config_dump", "");
     assert!(dump.contains("upstream_cluster"), "{dump}");
 
-    // A change that still needs a restart says so, and the rest of the reload applies.
+    // A listener whose limits change is replaced: it serves again, on its new socket.
     let current = std::fs::read_to_string(&config).unwrap();
     replace(
         &config,
@@ -408,12 +408,114 @@ fn routes_clusters_and_tcp_targets_change_on_reload_without_restarting_plugins()
     assert!(eventually(Duration::from_secs(20), || {
         metric(gateway.admin, "wasmgate_config_generation") >= 2
     }));
+    let main = listener_address(gateway.admin, "main");
     assert_eq!(get(main, "/new", "").0, 202);
     assert!(
-        gateway.stderr.lock().contains(
-            "a listener's address, mode, TLS or limits changed: that takes effect on restart"
-        ),
+        !gateway.stderr.lock().contains("takes effect on restart"),
         "{}",
         gateway.stderr.lock()
     );
+}
+
+/// A listener's bound address as the admin's `/listeners` tells it (`name::address` lines).
+fn listener_address(admin: std::net::SocketAddr, name: &str) -> std::net::SocketAddr {
+    let (status, answer) = get(admin, "/listeners", "");
+    assert_eq!(status, 200, "{answer}");
+    answer
+        .lines()
+        .find_map(|l| l.strip_prefix(&format!("{name}::")))
+        .unwrap_or_else(|| panic!("listener {name} in {answer}"))
+        .trim()
+        .parse()
+        .unwrap()
+}
+
+fn listener_names(admin: std::net::SocketAddr) -> Vec<String> {
+    let (_, answer) = get(admin, "/listeners", "");
+    let body = answer.split_once("\r\n\r\n").unwrap().1;
+    body.lines()
+        .filter_map(|l| l.split_once("::").map(|(n, _)| n.to_owned()))
+        .collect()
+}
+
+#[test]
+fn listeners_are_added_and_removed_on_reload_and_a_removed_one_finishes_its_requests() {
+    let slow = upstream(Duration::from_millis(1500));
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("gateway.yaml");
+    let listener = |name: &str, address: &str, body: &str| {
+        format!(
+            "  - name: {name}\n    address: {address}\n    routes:\n      - {{ match: {{ path: /slow }}, cluster: slow }}\n      - {{ match: {{ prefix: / }}, direct_response: {{ status: 200, body: {body} }} }}\n"
+        )
+    };
+    let yaml = |listeners: &str| {
+        format!(
+            "workers: 2\nadmin: 127.0.0.1:0\nlisteners:\n{listeners}clusters:\n  - {{ name: slow, endpoints: [\"{slow}\"] }}\n"
+        )
+    };
+    std::fs::write(&config, yaml(&listener("a", "127.0.0.1:0", "from-a"))).unwrap();
+    let gateway = start_capturing(wasmgate().args(["run", "--config", config.to_str().unwrap()]));
+    let a = gateway.listener("a");
+    assert_eq!(listener_address(gateway.admin, "a"), a);
+
+    // Added: b serves, a keeps its socket.
+    replace(
+        &config,
+        &yaml(&(listener("a", "127.0.0.1:0", "from-a") + &listener("b", "127.0.0.1:0", "from-b"))),
+    );
+    assert!(eventually(Duration::from_secs(20), || listener_names(
+        gateway.admin
+    )
+    .len()
+        == 2));
+    let b = listener_address(gateway.admin, "b");
+    assert!(get(b, "/", "").1.ends_with("from-b"));
+    assert!(get(a, "/", "").1.ends_with("from-a"));
+    let (_, json) = get(gateway.admin, "/listeners?format=json", "");
+    let json: serde_json::Value =
+        serde_json::from_str(json.split_once("\r\n\r\n").unwrap().1).unwrap();
+    assert_eq!(
+        json["listener_statuses"][1]["local_address"]["socket_address"]["port_value"],
+        b.port()
+    );
+
+    // Removed while a request to it is in flight: the request finishes, new connections are
+    // refused.
+    let in_flight = std::thread::spawn(move || get(a, "/slow", ""));
+    std::thread::sleep(Duration::from_millis(300));
+    replace(&config, &yaml(&listener("b", "127.0.0.1:0", "from-b")));
+    assert!(eventually(Duration::from_secs(20), || listener_names(
+        gateway.admin
+    ) == ["b"]));
+    let (status, answer) = in_flight.join().unwrap();
+    assert_eq!(status, 200, "{answer}");
+    assert!(answer.ends_with("upstream says hi"), "{answer}");
+    assert!(
+        eventually(Duration::from_secs(10), || std::net::TcpStream::connect(a)
+            .is_err()),
+        "a still accepts connections"
+    );
+    assert!(get(b, "/", "").1.ends_with("from-b"));
+
+    // A new listener whose address is taken: the reload is refused whole, b serves on.
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let busy = taken.local_addr().unwrap().to_string();
+    replace(
+        &config,
+        &yaml(&(listener("b", "127.0.0.1:0", "changed") + &listener("c", &busy, "from-c"))),
+    );
+    assert!(eventually(Duration::from_secs(20), || {
+        metric(
+            gateway.admin,
+            "wasmgate_config_reloads_total{result=\"failure\"}",
+        ) == 1
+    }));
+    assert_eq!(listener_names(gateway.admin), ["b"]);
+    assert!(
+        get(b, "/", "").1.ends_with("from-b"),
+        "the refused reload changed nothing"
+    );
+    let log = gateway.stderr.lock().clone();
+    assert!(log.contains(&format!("cannot listen on {busy}")), "{log}");
+    drop(taken);
 }
