@@ -17,7 +17,7 @@
 #![no_main]
 
 use std::net::SocketAddr;
-use std::sync::{Arc, OnceLock};
+use std::sync::{Arc, LazyLock, OnceLock};
 use std::time::{Duration, UNIX_EPOCH};
 
 use libfuzzer_sys::arbitrary::{Result, Unstructured};
@@ -56,7 +56,12 @@ enum Answer {
 
 use Answer::*;
 
-/// Every function the probe imports: module, name, the kind of each argument, and the answer.
+/// A function the probe imports: module, name, the kind of each argument, and the answer.
+type Function = (&'static str, &'static str, &'static str, Answer);
+
+/// Every function the probe imports: the runtime's `env` functions as it lists them
+/// ([`wasmgate_runtime::host_functions`], so one it adds is fuzzed without a change here), each
+/// with its argument kinds from [`env_kinds`], then [`WASI`].
 ///
 /// Kinds, which give both the Wasm parameter types and what a well-formed argument is:
 /// `n` bytes in memory (pointer, length), `c` the known cluster's name, `m` a serialized map,
@@ -64,56 +69,84 @@ use Answer::*;
 /// `k` a small enumeration value (a type, a level, an fd), `v` any i32 (an id, a token, a size),
 /// `w` any i64.
 ///
-/// The `env` rows are the runtime's `imports::proxy::NAMES` with its `signature`s (private to the
-/// runtime, hence copied): a name that the runtime drops or retypes fails `Runtime::load` on the
-/// first input. `proxy_continue_request`, `proxy_continue_response` and `proxy_clear_route_cache`
-/// are imported in their status-returning form; a module imports one form of a name, and the other
-/// (ABI 0.1.0's void form) runs the same code.
-const FUNCTIONS: &[(&str, &str, &str, Answer)] = &[
-    ("env", "proxy_log", "kn", Status),
-    ("env", "proxy_get_log_level", "o", Status),
-    ("env", "proxy_get_current_time_nanoseconds", "o", Status),
-    ("env", "proxy_set_tick_period_milliseconds", "v", Status),
-    ("env", "proxy_get_configuration", "oo", Status),
-    ("env", "proxy_get_buffer_bytes", "kvvoo", Status),
-    ("env", "proxy_set_buffer_bytes", "kvvn", Status),
-    ("env", "proxy_get_buffer_status", "koo", Status),
-    ("env", "proxy_get_header_map_size", "ko", Status),
-    ("env", "proxy_get_header_map_pairs", "koo", Status),
-    ("env", "proxy_set_header_map_pairs", "km", Status),
-    ("env", "proxy_get_header_map_value", "knoo", Status),
-    ("env", "proxy_add_header_map_value", "knn", Status),
-    ("env", "proxy_replace_header_map_value", "knn", Status),
-    ("env", "proxy_remove_header_map_value", "kn", Status),
-    ("env", "proxy_continue_stream", "k", Status),
-    ("env", "proxy_close_stream", "k", Status),
-    ("env", "proxy_continue_request", "", Status),
-    ("env", "proxy_continue_response", "", Status),
-    ("env", "proxy_clear_route_cache", "", Status),
-    ("env", "proxy_get_status", "ooo", Status),
-    ("env", "proxy_send_local_response", "vnnmv", Status),
-    ("env", "proxy_http_call", "cmnmvo", Status),
-    ("env", "proxy_grpc_call", "cnnmnvo", Status),
-    ("env", "proxy_grpc_stream", "cnnmo", Status),
-    ("env", "proxy_grpc_send", "vnk", Status),
-    ("env", "proxy_grpc_cancel", "v", Status),
-    ("env", "proxy_grpc_close", "v", Status),
-    ("env", "proxy_get_shared_data", "nooo", Status),
-    ("env", "proxy_set_shared_data", "nnv", Status),
-    ("env", "proxy_register_shared_queue", "no", Status),
-    ("env", "proxy_resolve_shared_queue", "nno", Status),
-    ("env", "proxy_enqueue_shared_queue", "vn", Status),
-    ("env", "proxy_dequeue_shared_queue", "voo", Status),
-    ("env", "proxy_define_metric", "kno", Status),
-    ("env", "proxy_increment_metric", "vw", Status),
-    ("env", "proxy_record_metric", "vw", Status),
-    ("env", "proxy_get_metric", "vo", Status),
-    ("env", "proxy_get_property", "noo", Status),
-    ("env", "proxy_set_property", "nn", Status),
-    ("env", "proxy_set_effective_context", "v", Status),
-    ("env", "proxy_done", "", Status),
-    ("env", "proxy_call_foreign_function", "nnoo", Status),
-    // WASI: every implemented function, a few of the stubs, and the older module name.
+/// A function the runtime adds without kinds in [`env_kinds`] stops the target on its first input
+/// with its name; one the runtime retypes fails `Runtime::load` there. `proxy_continue_request`,
+/// `proxy_continue_response` and `proxy_clear_route_cache` are imported in their status-returning
+/// form; a module imports one form of a name, and the other (ABI 0.1.0's void form) runs the same
+/// code.
+static FUNCTIONS: LazyLock<Vec<Function>> = LazyLock::new(|| {
+    let mut functions: Vec<Function> = wasmgate_runtime::host_functions()
+        .filter(|(module, _)| *module == "env")
+        .map(|(module, name)| {
+            let kinds = env_kinds(name).unwrap_or_else(|| {
+                panic!("env.{name} is a host function without argument kinds: add it to env_kinds")
+            });
+            (module, name, kinds, Status)
+        })
+        .collect();
+    for function @ (module, name, _, _) in WASI {
+        assert!(
+            wasmgate_runtime::host_functions().any(|f| f == (*module, *name)),
+            "{module}.{name} is no longer a host function"
+        );
+        functions.push(*function);
+    }
+    functions
+});
+
+/// The argument kinds of each `env` function (see [`FUNCTIONS`]): they follow its signature in
+/// the runtime.
+fn env_kinds(name: &str) -> Option<&'static str> {
+    Some(match name {
+        "proxy_log" => "kn",
+        "proxy_get_log_level" => "o",
+        "proxy_get_current_time_nanoseconds" => "o",
+        "proxy_set_tick_period_milliseconds" => "v",
+        "proxy_get_configuration" => "oo",
+        "proxy_get_buffer_bytes" => "kvvoo",
+        "proxy_set_buffer_bytes" => "kvvn",
+        "proxy_get_buffer_status" => "koo",
+        "proxy_get_header_map_size" => "ko",
+        "proxy_get_header_map_pairs" => "koo",
+        "proxy_set_header_map_pairs" => "km",
+        "proxy_get_header_map_value" => "knoo",
+        "proxy_add_header_map_value" => "knn",
+        "proxy_replace_header_map_value" => "knn",
+        "proxy_remove_header_map_value" => "kn",
+        "proxy_continue_stream" => "k",
+        "proxy_close_stream" => "k",
+        "proxy_continue_request" => "",
+        "proxy_continue_response" => "",
+        "proxy_clear_route_cache" => "",
+        "proxy_get_status" => "ooo",
+        "proxy_send_local_response" => "vnnmv",
+        "proxy_http_call" => "cmnmvo",
+        "proxy_grpc_call" => "cnnmnvo",
+        "proxy_grpc_stream" => "cnnmo",
+        "proxy_grpc_send" => "vnk",
+        "proxy_grpc_cancel" => "v",
+        "proxy_grpc_close" => "v",
+        "proxy_get_shared_data" => "nooo",
+        "proxy_set_shared_data" => "nnv",
+        "proxy_register_shared_queue" => "no",
+        "proxy_resolve_shared_queue" => "nno",
+        "proxy_enqueue_shared_queue" => "vn",
+        "proxy_dequeue_shared_queue" => "voo",
+        "proxy_define_metric" => "kno",
+        "proxy_increment_metric" => "vw",
+        "proxy_record_metric" => "vw",
+        "proxy_get_metric" => "vo",
+        "proxy_get_property" => "noo",
+        "proxy_set_property" => "nn",
+        "proxy_set_effective_context" => "v",
+        "proxy_done" => "",
+        "proxy_call_foreign_function" => "nnoo",
+        _ => return None,
+    })
+}
+
+/// WASI: every implemented function, a few of the stubs, and the older module name.
+const WASI: &[Function] = &[
     ("wasi_snapshot_preview1", "fd_write", "kio", Errno),
     ("wasi_snapshot_preview1", "fd_fdstat_get", "ko", Errno),
     ("wasi_snapshot_preview1", "clock_time_get", "kwo", Errno),

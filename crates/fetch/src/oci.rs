@@ -8,6 +8,7 @@
 //! detection and errors an operator can act on. `push` writes each layout, for tests and tooling.
 
 use std::io::Read as _;
+use std::path::Path;
 use std::pin::Pin;
 use std::task::{Context, Poll};
 use std::time::Duration;
@@ -355,12 +356,35 @@ impl Registry {
         module: &[u8],
         variant: ImageVariant,
     ) -> Result<String, FetchError> {
+        let built = build_image(module, variant).map_err(|e| {
+            FetchError::new(
+                reference.to_string(),
+                FetchErrorKind::DownloadFailure,
+                format!("cannot build the image: {e}"),
+            )
+        })?;
+        self.push_built(reference, &built).await
+    }
+
+    /// Pushes an image read from an OCI image layout as it is: its blobs and manifest byte for
+    /// byte, so the digest is the layout's. Returns the manifest digest; failures as [`Self::push`].
+    pub async fn push_image(
+        &self,
+        reference: &OciReference,
+        image: &LayoutImage,
+    ) -> Result<String, FetchError> {
+        self.push_built(reference, &image.image).await
+    }
+
+    async fn push_built(
+        &self,
+        reference: &OciReference,
+        built: &BuiltImage,
+    ) -> Result<String, FetchError> {
         let url = reference.to_string();
         let fail =
             |message: String| FetchError::new(&url, FetchErrorKind::DownloadFailure, message);
         let image = self.prepare(reference).await?;
-        let built = build_image(module, variant)
-            .map_err(|e| fail(format!("cannot build the image: {e}")))?;
         let digest = sha256_digest(&built.manifest);
         if let Some(pinned) = &reference.digest
             && !pinned.eq_ignore_ascii_case(&digest)
@@ -682,10 +706,12 @@ fn extract_plugin(layer: &[u8], max_size: usize) -> Result<Vec<u8>, (FetchErrorK
 }
 
 /// An image ready to push: blobs (config included) and the manifest.
+#[derive(Debug, Clone)]
 struct BuiltImage {
+    /// Each blob with its digest, once each.
     blobs: Vec<(Vec<u8>, String)>,
     manifest: Vec<u8>,
-    media_type: &'static str,
+    media_type: String,
 }
 
 fn build_image(module: &[u8], variant: ImageVariant) -> Result<BuiltImage, std::io::Error> {
@@ -736,7 +762,8 @@ fn build_image(module: &[u8], variant: ImageVariant) -> Result<BuiltImage, std::
                     DOCKER_MANIFEST
                 } else {
                     OCI_MANIFEST
-                },
+                }
+                .to_owned(),
                 blobs: vec![
                     (config.clone(), sha256_digest(&config)),
                     (layer.clone(), sha256_digest(&layer)),
@@ -758,7 +785,7 @@ fn build_image(module: &[u8], variant: ImageVariant) -> Result<BuiltImage, std::
             });
             Ok(BuiltImage {
                 manifest: serde_json::to_vec(&manifest)?,
-                media_type: OCI_MANIFEST,
+                media_type: OCI_MANIFEST.to_owned(),
                 blobs: vec![
                     (config.clone(), sha256_digest(&config)),
                     (module.to_vec(), sha256_digest(module)),
@@ -766,6 +793,197 @@ fn build_image(module: &[u8], variant: ImageVariant) -> Result<BuiltImage, std::
             })
         }
     }
+}
+
+/// The annotation an image layout's `index.json` names (tags) each image with.
+const REF_NAME_ANNOTATION: &str = "org.opencontainers.image.ref.name";
+
+/// An image read from an OCI image layout folder (`oci-layout`, `index.json`, `blobs/sha256/`), as
+/// `wasmgate plugin build --oci` writes one: the manifest and every blob it names, each checked
+/// against its descriptor's digest and size, and the image checked to be a Wasm image a pull
+/// accepts (so a push never publishes what no gateway can load).
+#[derive(Debug, Clone)]
+pub struct LayoutImage {
+    image: BuiltImage,
+    /// `sha256:<hex>` of the manifest: the digest the pushed image will have.
+    pub digest: String,
+    pub layout: ImageLayout,
+}
+
+/// A descriptor as `index.json` and manifests write them.
+#[derive(serde::Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct LayoutDescriptor {
+    digest: String,
+    size: i64,
+    #[serde(default)]
+    annotations: std::collections::HashMap<String, String>,
+}
+
+impl LayoutImage {
+    /// Reads the image of the layout in `dir`: its only image, or when `index.json` lists several,
+    /// the one named `tag` (`latest` when `None`). An unreadable file is [`FetchErrorKind::Io`];
+    /// anything else wrong with the folder or the image is [`FetchErrorKind::FetchFailure`].
+    pub fn read(dir: &Path, tag: Option<&str>) -> Result<Self, FetchError> {
+        let source = dir.display().to_string();
+        let invalid =
+            |message: String| FetchError::new(&source, FetchErrorKind::FetchFailure, message);
+
+        #[derive(serde::Deserialize)]
+        #[serde(rename_all = "camelCase")]
+        struct Marker {
+            image_layout_version: String,
+        }
+        let marker = read_file(dir, "oci-layout", MAX_MANIFEST_SIZE)?;
+        let marker: Marker = serde_json::from_slice(&marker)
+            .map_err(|e| invalid(format!("oci-layout is not an OCI image layout marker: {e}")))?;
+        if !marker.image_layout_version.starts_with("1.") {
+            return Err(invalid(format!(
+                "image layout version {:?} is not supported (want 1.x)",
+                marker.image_layout_version
+            )));
+        }
+
+        #[derive(serde::Deserialize)]
+        struct Index {
+            #[serde(default)]
+            manifests: Vec<LayoutDescriptor>,
+        }
+        let index = read_file(dir, "index.json", MAX_MANIFEST_SIZE)?;
+        let index: Index = serde_json::from_slice(&index)
+            .map_err(|e| invalid(format!("index.json is not an image index: {e}")))?;
+        let chosen = match index.manifests.as_slice() {
+            [] => return Err(invalid("index.json lists no image".into())),
+            [only] => only,
+            several => {
+                let tag = tag.unwrap_or("latest");
+                let name = |d: &LayoutDescriptor| d.annotations.get(REF_NAME_ANNOTATION).cloned();
+                several
+                    .iter()
+                    .find(|d| name(d).as_deref() == Some(tag))
+                    .ok_or_else(|| {
+                        let names: Vec<String> = several
+                            .iter()
+                            .map(|d| name(d).unwrap_or_else(|| d.digest.clone()))
+                            .collect();
+                        invalid(format!(
+                            "index.json lists {} images and none is named {tag:?} (by {REF_NAME_ANNOTATION}): {}; push to that tag",
+                            several.len(),
+                            names.join(", ")
+                        ))
+                    })?
+            }
+        };
+        let manifest = read_blob(dir, chosen, MAX_MANIFEST_SIZE)?;
+        let (media_type, layout, module_layer) = detect_layout(&manifest).map_err(&invalid)?;
+
+        #[derive(serde::Deserialize)]
+        struct Parts {
+            config: Option<LayoutDescriptor>,
+            #[serde(default)]
+            layers: Vec<LayoutDescriptor>,
+        }
+        let parts: Parts = serde_json::from_slice(&manifest)
+            .map_err(|e| invalid(format!("the manifest's config or layers: {e}")))?;
+        let mut blobs: Vec<(Vec<u8>, String)> = Vec::new();
+        // An artifact lists its config as a layer too: upload it once.
+        for descriptor in parts.config.iter().chain(&parts.layers) {
+            let digest = descriptor.digest.to_ascii_lowercase();
+            if blobs.iter().all(|(_, seen)| *seen != digest) {
+                blobs.push((read_blob(dir, descriptor, crate::DEFAULT_MAX_SIZE)?, digest));
+            }
+        }
+        let module_blob = blobs
+            .iter()
+            .find(|(_, digest)| *digest == module_layer.digest)
+            .map(|(data, _)| data.as_slice())
+            .unwrap_or_default();
+        match layout {
+            ImageLayout::Artifact if !crate::unbox::is_wasm(module_blob) => {
+                return Err(invalid(format!(
+                    "the Wasm layer {} is not a Wasm module: {}",
+                    module_layer.digest,
+                    crate::unbox::describe_non_wasm(module_blob)
+                )));
+            }
+            ImageLayout::Artifact => {}
+            ImageLayout::Docker | ImageLayout::OciCompat => {
+                extract_plugin(module_blob, crate::DEFAULT_MAX_SIZE)
+                    .map_err(|(_, message)| invalid(message))?;
+            }
+        }
+        Ok(Self {
+            digest: sha256_digest(&manifest),
+            image: BuiltImage {
+                blobs,
+                manifest,
+                media_type,
+            },
+            layout,
+        })
+    }
+}
+
+/// `dir/name`, refused above `cap` bytes.
+fn read_file(dir: &Path, name: &str, cap: usize) -> Result<Vec<u8>, FetchError> {
+    let path = dir.join(name);
+    let fail = |kind, message: String| FetchError::new(dir.display().to_string(), kind, message);
+    let file = std::fs::File::open(&path)
+        .map_err(|e| fail(FetchErrorKind::Io, format!("cannot read {name}: {e}")))?;
+    let mut data = Vec::new();
+    file.take(cap as u64 + 1)
+        .read_to_end(&mut data)
+        .map_err(|e| fail(FetchErrorKind::Io, format!("cannot read {name}: {e}")))?;
+    if data.len() > cap {
+        return Err(fail(
+            FetchErrorKind::FetchFailure,
+            format!("{name} is larger than {cap} bytes"),
+        ));
+    }
+    Ok(data)
+}
+
+/// The blob `descriptor` names, from `dir/blobs/sha256/`, checked against its size and digest.
+fn read_blob(dir: &Path, descriptor: &LayoutDescriptor, cap: usize) -> Result<Vec<u8>, FetchError> {
+    let invalid = |message: String| {
+        FetchError::new(
+            dir.display().to_string(),
+            FetchErrorKind::FetchFailure,
+            message,
+        )
+    };
+    let digest = descriptor.digest.to_ascii_lowercase();
+    // Checked before it becomes a path: a digest is also a file name here.
+    let Some(hex) = digest
+        .strip_prefix("sha256:")
+        .filter(|hex| hex.len() == 64 && hex.bytes().all(|b| b.is_ascii_hexdigit()))
+    else {
+        return Err(invalid(format!(
+            "digest {:?} is not sha256:<64 hex digits>",
+            descriptor.digest
+        )));
+    };
+    let size = usize::try_from(descriptor.size)
+        .map_err(|_| invalid(format!("blob {digest} has a bad size {}", descriptor.size)))?;
+    if size > cap {
+        return Err(invalid(format!(
+            "blob {digest} is {size} bytes, above the {cap}-byte limit"
+        )));
+    }
+    let data = read_file(dir, &format!("blobs/sha256/{hex}"), cap)?;
+    if data.len() != size {
+        return Err(invalid(format!(
+            "blob {digest} is {} bytes, its descriptor says {size}",
+            data.len()
+        )));
+    }
+    let actual = sha256_digest(&data);
+    if actual != digest {
+        return Err(invalid(format!(
+            "blob blobs/sha256/{hex} does not match its digest: its content is {actual}"
+        )));
+    }
+    Ok(data)
 }
 
 /// A tar holding `module` as `plugin.wasm`, reproducibly (no times, no owners).
@@ -1016,5 +1234,80 @@ mod tests {
         assert_eq!(host_port("r.local", true), ("r.local".into(), 80));
         assert_eq!(host_port("[::1]:5000", false), ("[::1]".into(), 5000));
         assert_eq!(host_port("[::1]", false), ("[::1]".into(), 443));
+    }
+
+    /// Writes `image` as an OCI image layout in `dir`, its manifest listed under `index_digest`.
+    fn write_layout(dir: &Path, image: &BuiltImage, index_digest: &str) {
+        let blobs = dir.join("blobs/sha256");
+        std::fs::create_dir_all(&blobs).unwrap();
+        for (data, digest) in &image.blobs {
+            std::fs::write(blobs.join(&digest["sha256:".len()..]), data).unwrap();
+        }
+        let digest = sha256_digest(&image.manifest);
+        std::fs::write(blobs.join(&digest["sha256:".len()..]), &image.manifest).unwrap();
+        std::fs::write(dir.join("oci-layout"), br#"{"imageLayoutVersion":"1.0.0"}"#).unwrap();
+        let index = serde_json::json!({
+            "schemaVersion": 2,
+            "manifests": [{
+                "mediaType": image.media_type,
+                "digest": index_digest,
+                "size": image.manifest.len(),
+            }],
+        });
+        std::fs::write(dir.join("index.json"), index.to_string()).unwrap();
+    }
+
+    #[test]
+    fn layout_images_are_read_whole_and_checked() {
+        let module = b"\0asm\x01\0\0\0".to_vec();
+        for (variant, layout) in [
+            (ImageVariant::Compat, ImageLayout::OciCompat),
+            (ImageVariant::Docker, ImageLayout::Docker),
+            (ImageVariant::Artifact, ImageLayout::Artifact),
+        ] {
+            let dir = tempfile::tempdir().unwrap();
+            let built = build_image(&module, variant).unwrap();
+            write_layout(dir.path(), &built, &sha256_digest(&built.manifest));
+            let read = LayoutImage::read(dir.path(), Some("v1")).unwrap();
+            assert_eq!(read.layout, layout);
+            assert_eq!(read.digest, sha256_digest(&built.manifest));
+            assert_eq!(read.image.manifest, built.manifest);
+            assert_eq!(read.image.media_type, built.media_type);
+            assert_eq!(read.image.blobs, built.blobs);
+        }
+
+        let dir = tempfile::tempdir().unwrap();
+        let built = build_image(&module, ImageVariant::Compat).unwrap();
+        // A digest is a file name in the layout: one that is a path never becomes one.
+        write_layout(dir.path(), &built, "sha256:../../../../etc/passwd");
+        let error = LayoutImage::read(dir.path(), None).unwrap_err();
+        assert_eq!(error.kind, FetchErrorKind::FetchFailure);
+        assert!(
+            error.message.contains("is not sha256:<64 hex digits>"),
+            "{error}"
+        );
+
+        std::fs::remove_file(dir.path().join("oci-layout")).unwrap();
+        let error = LayoutImage::read(dir.path(), None).unwrap_err();
+        assert_eq!(error.kind, FetchErrorKind::Io);
+        assert!(error.message.contains("cannot read oci-layout"), "{error}");
+
+        // A layer that is not what the manifest promises: a compat layer without plugin.wasm.
+        let dir = tempfile::tempdir().unwrap();
+        let mut built = build_image(&module, ImageVariant::Compat).unwrap();
+        let empty = gzip(&tar_of(&[("other.txt", b"x".as_slice())]).unwrap()).unwrap();
+        let layer = &built.blobs[1].1;
+        let manifest = String::from_utf8(built.manifest.clone())
+            .unwrap()
+            .replace(layer.as_str(), &sha256_digest(&empty))
+            .replace(
+                &format!("\"size\":{}", built.blobs[1].0.len()),
+                &format!("\"size\":{}", empty.len()),
+            );
+        built.manifest = manifest.into_bytes();
+        built.blobs[1] = (empty.clone(), sha256_digest(&empty));
+        write_layout(dir.path(), &built, &sha256_digest(&built.manifest));
+        let error = LayoutImage::read(dir.path(), None).unwrap_err();
+        assert!(error.message.contains("no plugin.wasm"), "{error}");
     }
 }

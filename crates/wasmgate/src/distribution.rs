@@ -9,9 +9,9 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use anyhow::{Context, bail};
 use clap::{Args, Subcommand, ValueEnum};
 use wasmgate_fetch::docker_config::Credentials;
-use wasmgate_fetch::oci::{ImageVariant, Registry};
+use wasmgate_fetch::oci::{ImageVariant, LayoutImage, Registry};
 use wasmgate_fetch::{
-    Cache, DockerConfig, FetchOptions, Fetcher, ModuleRequest, ModuleUrl, PullPolicy,
+    Cache, DockerConfig, FetchOptions, Fetched, Fetcher, ModuleRequest, ModuleUrl, PullPolicy,
 };
 
 /// Where to reach registries and keep modules.
@@ -57,12 +57,14 @@ pub enum Variant {
 
 #[derive(Args, Debug)]
 pub struct PushArgs {
-    /// The module to push.
+    /// The module (.wasm) to push, or an OCI image layout folder (as `plugin build --oci` writes)
+    /// whose image is pushed as it is.
     file: PathBuf,
     /// Where: oci://REGISTRY/REPO:TAG (or without oci://).
     reference: String,
-    #[arg(long, value_enum, default_value = "compat")]
-    variant: Variant,
+    /// How to package a .wasm file [default: compat]. An image layout is already packaged.
+    #[arg(long, value_enum)]
+    variant: Option<Variant>,
     /// User name for the registry (the password comes from WASMGATE_REGISTRY_PASSWORD).
     #[arg(long)]
     username: Option<String>,
@@ -122,25 +124,44 @@ fn io() -> anyhow::Result<tokio::runtime::Runtime> {
         .build()?)
 }
 
-pub fn pull(args: PullArgs) -> anyhow::Result<ExitCode> {
+/// Fetches `url` into the cache with the fetcher the gateway uses (pull secrets, insecure
+/// registries, extra CAs, a progress bar on a terminal): what `plugin pull` and `plugin inspect URL`
+/// share.
+pub(crate) fn fetch(
+    url: &str,
+    sha256: Option<&str>,
+    always: bool,
+    remote: &RemoteArgs,
+) -> anyhow::Result<Fetched> {
     let cache = Arc::new(
-        Cache::open(cache_root(args.remote.cache_dir.clone()))
-            .map_err(|e| anyhow::anyhow!("{e}"))?,
+        Cache::open(cache_root(remote.cache_dir.clone())).map_err(|e| anyhow::anyhow!("{e}"))?,
     );
-    let progress = Progress::start(&args.url);
-    let mut options = args.remote.options()?;
+    let mut options = remote.options()?;
+    let credentials = remote.docker_config()?;
+    let io = io()?;
+    // Last before the fetch: an early return must not leave the progress thread drawing.
+    let progress = Progress::start(url);
     options.progress = progress.callback();
-    let fetcher = Fetcher::new(options, cache).map_err(|e| anyhow::anyhow!("{e}"))?;
-    let credentials = args.remote.docker_config()?;
+    let fetcher = match Fetcher::new(options, cache) {
+        Ok(fetcher) => fetcher,
+        Err(e) => {
+            progress.finish();
+            return Err(anyhow::anyhow!("{e}"));
+        }
+    };
     let request = ModuleRequest {
-        url: &args.url,
-        sha256: args.sha256.as_deref(),
-        pull_policy: args.always.then_some(PullPolicy::Always),
+        url,
+        sha256,
+        pull_policy: always.then_some(PullPolicy::Always),
         credentials: credentials.as_ref(),
     };
-    let result = io()?.block_on(fetcher.fetch(request));
+    let result = io.block_on(fetcher.fetch(request));
     progress.finish();
-    let fetched = result.map_err(|e| anyhow::anyhow!("{e}"))?;
+    result.map_err(|e| anyhow::anyhow!("{e}"))
+}
+
+pub fn pull(args: PullArgs) -> anyhow::Result<ExitCode> {
+    let fetched = fetch(&args.url, args.sha256.as_deref(), args.always, &args.remote)?;
     println!("{}", fetched.path.display());
     println!("sha256 {}", fetched.sha256);
     if let Some(digest) = &fetched.digest {
@@ -159,15 +180,6 @@ pub fn pull(args: PullArgs) -> anyhow::Result<ExitCode> {
 }
 
 pub fn push(args: PushArgs) -> anyhow::Result<ExitCode> {
-    let module = std::fs::read(&args.file)
-        .with_context(|| format!("cannot read {}", args.file.display()))?;
-    if !wasmgate_fetch::unbox::is_wasm(&module) {
-        bail!(
-            "{}: {}",
-            args.file.display(),
-            wasmgate_fetch::unbox::describe_non_wasm(&module)
-        );
-    }
     let ModuleUrl::Oci(reference) =
         ModuleUrl::parse(&args.reference).map_err(|e| anyhow::anyhow!("{e}"))?
     else {
@@ -175,6 +187,38 @@ pub fn push(args: PushArgs) -> anyhow::Result<ExitCode> {
             "{}: push needs an OCI reference (oci://REGISTRY/REPO:TAG)",
             args.reference
         );
+    };
+    enum Content {
+        Module(Vec<u8>, ImageVariant),
+        Layout(LayoutImage),
+    }
+    // Read before any network: a bad file fails fast, whatever the registry's state.
+    let content = if args.file.is_dir() {
+        if args.variant.is_some() {
+            bail!(
+                "{} is an image layout, pushed as it is: --variant only packages a .wasm file",
+                args.file.display()
+            );
+        }
+        let image = LayoutImage::read(&args.file, reference.tag.as_deref())
+            .map_err(|e| anyhow::anyhow!("{e}"))?;
+        Content::Layout(image)
+    } else {
+        let module = std::fs::read(&args.file)
+            .with_context(|| format!("cannot read {}", args.file.display()))?;
+        if !wasmgate_fetch::unbox::is_wasm(&module) {
+            bail!(
+                "{}: {}",
+                args.file.display(),
+                wasmgate_fetch::unbox::describe_non_wasm(&module)
+            );
+        }
+        let variant = match args.variant.unwrap_or(Variant::Compat) {
+            Variant::Compat => ImageVariant::Compat,
+            Variant::Artifact => ImageVariant::Artifact,
+            Variant::Docker => ImageVariant::Docker,
+        };
+        Content::Module(module, variant)
     };
     let credentials = match &args.username {
         Some(username) => Some(Credentials::Basic {
@@ -193,14 +237,13 @@ pub fn push(args: PushArgs) -> anyhow::Result<ExitCode> {
     };
     let registry = Registry::new(&reference, &args.remote.options()?, credentials)
         .map_err(|e| anyhow::anyhow!("{e}"))?;
-    let variant = match args.variant {
-        Variant::Compat => ImageVariant::Compat,
-        Variant::Artifact => ImageVariant::Artifact,
-        Variant::Docker => ImageVariant::Docker,
+    let pushed = match &content {
+        Content::Module(module, variant) => {
+            io()?.block_on(registry.push(&reference, module, *variant))
+        }
+        Content::Layout(image) => io()?.block_on(registry.push_image(&reference, image)),
     };
-    let digest = io()?
-        .block_on(registry.push(&reference, &module, variant))
-        .map_err(|e| anyhow::anyhow!("{e}"))?;
+    let digest = pushed.map_err(|e| anyhow::anyhow!("{e}"))?;
     println!("pushed {reference}");
     println!("digest {digest}");
     Ok(ExitCode::SUCCESS)

@@ -1,7 +1,9 @@
 //! The `wasmgate` binary: CLI verbs wired to the crates.
 
 mod distribution;
+mod envoy_imports;
 mod gateway;
+mod inspect;
 mod plugin_run;
 mod plugin_test;
 mod quickstart;
@@ -69,11 +71,9 @@ enum PluginCommand {
     Test(plugin_test::TestArgs),
     /// Run one request through a plugin in-process and show what the plugin changed.
     Run(Box<plugin_run::RunArgs>),
-    /// Show a module's ABI version, callbacks and imports.
-    Inspect {
-        /// The .wasm file.
-        file: PathBuf,
-    },
+    /// Show a module's ABI version, callbacks and imports, and which hosts (Wasmgate, Envoy)
+    /// provide each import; exit code 2 when some import is provided by neither.
+    Inspect(inspect::InspectArgs),
     /// Fetch a module into the cache (file, http(s) or OCI) and print its path and sha256.
     Pull(distribution::PullArgs),
     /// Push a module to an OCI registry as an image Istio and Wasmgate accept.
@@ -127,8 +127,8 @@ fn main() -> ExitCode {
             command: PluginCommand::Run(args),
         } => plugin_run::run(*args),
         Command::Plugin {
-            command: PluginCommand::Inspect { file },
-        } => plugin_run::inspect(&file),
+            command: PluginCommand::Inspect(args),
+        } => inspect::inspect(args),
         Command::Plugin {
             command: PluginCommand::Pull(args),
         } => distribution::pull(args),

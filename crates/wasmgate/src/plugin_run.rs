@@ -1,6 +1,6 @@
-//! `wasmgate plugin run` and `plugin inspect`.
+//! `wasmgate plugin run`.
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::Duration;
 
@@ -268,21 +268,5 @@ pub fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
             println!("  [{}] {}", record.level, record.message);
         }
     }
-    Ok(ExitCode::SUCCESS)
-}
-
-pub fn inspect(file: &Path) -> anyhow::Result<ExitCode> {
-    let wasm = std::fs::read(file).with_context(|| format!("reading {}", file.display()))?;
-    let runtime = Runtime::new(RuntimeConfig::default())?;
-    let module = runtime
-        .load(&wasm)
-        .with_context(|| format!("loading {}", file.display()))?;
-    let info = module.info();
-    println!("file:        {}", file.display());
-    println!("size:        {} bytes", module.size());
-    println!("sha256:      {}", module.sha256());
-    println!("abi version: {}", info.abi_version);
-    println!("callbacks:   {}", info.callbacks.join(", "));
-    println!("imports:     {}", info.imports.join(", "));
     Ok(ExitCode::SUCCESS)
 }

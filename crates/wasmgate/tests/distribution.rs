@@ -495,3 +495,185 @@ fn a_restarted_gateway_serves_remote_plugins_from_its_cache_without_the_network(
         modules.set("/p.wasm", 503, b"down");
     }
 }
+
+/// Writes an OCI image layout holding one Wasm artifact image per `(name, module)`, laid out as
+/// `wasmgate plugin build --oci` writes it (crates/wasmgate/src/scaffold.rs, `write_oci_layout`):
+/// `oci-layout`, `index.json` naming each image by `org.opencontainers.image.ref.name`, and the
+/// config, module and manifest under `blobs/sha256/`. Returns the manifest digests.
+fn write_layout(dir: &Path, images: &[(&str, &[u8])]) -> Vec<String> {
+    let blobs = dir.join("blobs/sha256");
+    std::fs::create_dir_all(&blobs).unwrap();
+    let blob = |data: &[u8]| {
+        let hex = sha256_hex(data);
+        std::fs::write(blobs.join(&hex), data).unwrap();
+        format!("sha256:{hex}")
+    };
+    let descriptor = |media_type: &str, data: &[u8], title: Option<&str>| {
+        let mut d = serde_json::json!({
+            "mediaType": media_type,
+            "digest": format!("sha256:{}", sha256_hex(data)),
+            "size": data.len(),
+        });
+        if let Some(title) = title {
+            d["annotations"] = serde_json::json!({ "org.opencontainers.image.title": title });
+        }
+        d
+    };
+    let config = serde_json::to_vec(&serde_json::json!({
+        "type": "envoy_proxy",
+        "abiVersions": ["v0.2.1"],
+        "config": { "root_ids": [] },
+    }))
+    .unwrap();
+    blob(&config);
+    let config_descriptor = descriptor(
+        "application/vnd.module.wasm.config.v1+json",
+        &config,
+        Some("runtime-config.json"),
+    );
+    let mut manifests = Vec::new();
+    let mut digests = Vec::new();
+    for (name, module) in images {
+        blob(module);
+        let manifest = serde_json::to_vec(&serde_json::json!({
+            "schemaVersion": 2,
+            "mediaType": "application/vnd.oci.image.manifest.v1+json",
+            "config": config_descriptor,
+            "layers": [
+                config_descriptor,
+                descriptor("application/vnd.module.wasm.content.layer.v1+wasm", module, Some("plugin.wasm")),
+            ],
+        }))
+        .unwrap();
+        digests.push(blob(&manifest));
+        let mut entry = descriptor(
+            "application/vnd.oci.image.manifest.v1+json",
+            &manifest,
+            None,
+        );
+        entry["annotations"] = serde_json::json!({ "org.opencontainers.image.ref.name": name });
+        manifests.push(entry);
+    }
+    std::fs::write(dir.join("oci-layout"), br#"{"imageLayoutVersion":"1.0.0"}"#).unwrap();
+    let index = serde_json::json!({
+        "schemaVersion": 2,
+        "mediaType": "application/vnd.oci.image.index.v1+json",
+        "manifests": manifests,
+    });
+    std::fs::write(
+        dir.join("index.json"),
+        serde_json::to_vec_pretty(&index).unwrap(),
+    )
+    .unwrap();
+    digests
+}
+
+#[test]
+fn push_an_oci_image_layout_as_it_is_and_pull_it_back() {
+    let io = tokio();
+    let registry = io.block_on(TestRegistry::start(Mode::Plain));
+    let address = registry.address.clone();
+    let module = std::fs::read(plugin("add_header")).unwrap();
+    let module_sha = sha256_hex(&module);
+    let dir = tempfile::tempdir().unwrap();
+    let cache = dir.path().join("cache");
+    let pull = |reference: &str| {
+        let pulled = ok(run(&[
+            "plugin",
+            "pull",
+            reference,
+            "--insecure-registry",
+            &address,
+            "--cache-dir",
+            cache.to_str().unwrap(),
+        ]));
+        let path = pulled.lines().next().unwrap().to_owned();
+        (pulled, std::fs::read(path).unwrap())
+    };
+    let push_layout = |layout: &Path, reference: &str| {
+        run(&[
+            "plugin",
+            "push",
+            layout.to_str().unwrap(),
+            reference,
+            "--insecure-registry",
+            &address,
+        ])
+    };
+    let digest_of = |stdout: &str| {
+        stdout
+            .lines()
+            .find_map(|l| l.strip_prefix("digest "))
+            .expect("a digest line")
+            .to_owned()
+    };
+
+    // One image: pushed byte for byte, so the registry's digest is the layout's.
+    let layout = dir.path().join("layout");
+    let digests = write_layout(&layout, &[("latest", &module)]);
+    let reference = format!("oci://{address}/plugins/from-layout:v1");
+    let pushed = ok(push_layout(&layout, &reference));
+    assert_eq!(digest_of(&pushed), digests[0], "{pushed}");
+    let (pulled, bytes) = pull(&reference);
+    assert_eq!(sha256_hex(&bytes), module_sha);
+    assert!(pulled.contains(&format!("sha256 {module_sha}")), "{pulled}");
+    assert_eq!(digest_of(&pulled), digests[0], "{pulled}");
+    // inspect reads oci:// through the same fetcher.
+    let inspected = ok(run(&[
+        "plugin",
+        "inspect",
+        &reference,
+        "--insecure-registry",
+        &address,
+        "--cache-dir",
+        cache.to_str().unwrap(),
+    ]));
+    assert!(
+        inspected.contains(&format!("sha256:      {module_sha}"))
+            && inspected.contains(&format!("digest:      {}", digests[0])),
+        "{inspected}"
+    );
+
+    // Several images: the one named as the reference's tag.
+    let mut other = module.clone();
+    other.extend_from_slice(b"\x00\x05\x04test");
+    let multi = dir.path().join("multi");
+    let digests = write_layout(&multi, &[("v1", &module), ("v2", &other)]);
+    let reference = format!("oci://{address}/plugins/from-layout:v2");
+    assert_eq!(digest_of(&ok(push_layout(&multi, &reference))), digests[1]);
+    let (_, bytes) = pull(&reference);
+    assert_eq!(bytes, other);
+    let refused = push_layout(&multi, &format!("oci://{address}/plugins/from-layout:v3"));
+    let message = String::from_utf8_lossy(&refused.stderr);
+    assert!(!refused.status.success());
+    assert!(
+        message.contains("none is named \"v3\"") && message.contains("v1, v2"),
+        "{message}"
+    );
+
+    // --variant packages .wasm files only; a blob that does not match its digest is refused
+    // before anything is uploaded.
+    let refused = run(&[
+        "plugin",
+        "push",
+        layout.to_str().unwrap(),
+        &format!("oci://{address}/plugins/from-layout:variant"),
+        "--variant",
+        "artifact",
+        "--insecure-registry",
+        &address,
+    ]);
+    assert!(!refused.status.success());
+    assert!(
+        String::from_utf8_lossy(&refused.stderr).contains("--variant"),
+        "{}",
+        String::from_utf8_lossy(&refused.stderr)
+    );
+    let mut corrupt = module.clone();
+    corrupt[100] ^= 0xff;
+    std::fs::write(layout.join("blobs/sha256").join(&module_sha), &corrupt).unwrap();
+    let refused = push_layout(&layout, &format!("oci://{address}/plugins/corrupt:v1"));
+    let message = String::from_utf8_lossy(&refused.stderr);
+    assert!(!refused.status.success());
+    assert!(message.contains("does not match its digest"), "{message}");
+}

@@ -9,6 +9,29 @@ use wasmtime::{Engine, ExternType, FuncType, Linker, Module, ValType};
 use crate::error::LoadError;
 use crate::state::VmState;
 
+/// Every function the host defines, as (import module, name): the `env.proxy_*` functions, for
+/// every ABI version, and the whole of WASI preview1 under both `wasi_snapshot_preview1` and
+/// `wasi_unstable` (most of it as stubs, see [`is_wasi_stub`]). Built from the tables the import
+/// check below reads, so tools can tell before loading whether a module links (`wasmgate plugin
+/// inspect`) and the fuzzer reaches every function there is.
+pub fn host_functions() -> impl Iterator<Item = (&'static str, &'static str)> {
+    let env = proxy::NAMES.iter().map(|name| ("env", *name));
+    let wasi = wasi::MODULES.into_iter().flat_map(|module| {
+        wasi::IMPLEMENTED
+            .iter()
+            .copied()
+            .chain(wasi::STUBS.iter().map(|(name, _)| *name))
+            .map(move |name| (module, name))
+    });
+    env.chain(wasi)
+}
+
+/// Whether the WASI function `name` links but only answers a fixed errno (BADF: there are no
+/// descriptors; NOSYS), so a plugin that relies on it gets an error rather than a service.
+pub fn is_wasi_stub(name: &str) -> bool {
+    wasi::STUBS.iter().any(|(stub, _)| *stub == name)
+}
+
 pub(crate) fn linker_for(engine: &Engine, module: &Module) -> Result<Linker<VmState>, LoadError> {
     let mut unknown = Vec::new();
     let mut functions: Vec<(String, String, FuncType)> = Vec::new();
