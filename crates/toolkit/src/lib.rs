@@ -3,5 +3,5 @@
 //! [`cases`], the declared requests and expectations `wasmgate plugin test` runs on it.
 #![forbid(unsafe_code)]
 
-pub mod harness;
 pub mod cases;
+pub mod harness;
