@@ -1087,3 +1087,29 @@ fn unknown_wasi_function_is_named() {
         "{error}"
     );
 }
+
+// === Emscripten's helpers ===
+
+/// C++ SDK modules built with Emscripten import these two; they link and answer as Envoy's do.
+#[test]
+fn emscripten_helpers_link_and_answer_as_in_envoy() {
+    let guest = Guest::new()
+        .import(
+            r#"(import "env" "pthread_equal" (func $pthread_equal (param i32 i32) (result i32)))"#,
+        )
+        .import(r#"(import "env" "emscripten_notify_memory_growth" (func $grown (param i32)))"#)
+        .callback(
+            "proxy_on_vm_start",
+            r#"(call $grown (i32.const 0))
+               (if (call $pthread_equal (i32.const 7) (i32.const 7)) (then (log "equal")))
+               (if (call $pthread_equal (i32.const 7) (i32.const 8)) (then (log "not equal")))
+               (i32.const 1)"#,
+        )
+        .callback("proxy_on_configure", "(i32.const 1)");
+    let loaded = load(&guest.build());
+    let (mut vm, host) = new_vm(&loaded);
+    vm.start_plugin(root_plugin("")).expect("the plugin starts");
+    let logged = messages(&host);
+    assert!(logged.contains(&"equal".to_owned()), "{logged:?}");
+    assert!(!logged.contains(&"not equal".to_owned()), "{logged:?}");
+}

@@ -131,8 +131,8 @@ fn an_assemblyscript_plugin_uses_abi_0_2_0_and_wasi_unstable() {
     assert!(!stderr.contains("error:"), "{stderr}");
 }
 
-/// Imports of every verdict: both hosts, neither, Envoy only, Wasmgate only (a WASI stub, and an
-/// ABI 0.1.0 call Envoy defines for 0.1.0 modules only).
+/// Imports of every verdict: both hosts (an Emscripten helper among them), neither, Wasmgate only
+/// (a WASI stub, and an ABI 0.1.0 call Envoy defines for 0.1.0 modules only).
 const MIXED_IMPORTS: &str = r#"
     (import "env" "proxy_log" (func (param i32 i32 i32) (result i32)))
     (import "env" "no_such_host_function" (func (param i32) (result i32)))
@@ -154,7 +154,7 @@ fn an_import_no_host_provides_is_an_error_with_exit_code_2() {
     );
     assert_eq!(
         row(&stdout, "env.pthread_equal"),
-        ["env.pthread_equal", "no", "yes"]
+        ["env.pthread_equal", "yes", "yes"]
     );
     assert_eq!(
         row(&stdout, "wasi_snapshot_preview1.proc_raise"),
@@ -186,10 +186,6 @@ fn an_import_no_host_provides_is_an_error_with_exit_code_2() {
             .unwrap_or_else(|| panic!("no warning about {import}:\n{stderr}"))
     };
     assert!(
-        warning("env.pthread_equal").contains("Wasmgate does not"),
-        "{stderr}"
-    );
-    assert!(
         warning("wasi_snapshot_preview1.proc_raise").contains("does not define it"),
         "{stderr}"
     );
@@ -199,39 +195,36 @@ fn an_import_no_host_provides_is_an_error_with_exit_code_2() {
     );
     assert_eq!(
         stderr.lines().filter(|l| l.starts_with("warning:")).count(),
-        3
+        2
     );
 }
 
 #[test]
 fn imports_one_host_lacks_are_warnings_only() {
     let dir = tempfile::tempdir().unwrap();
-    // Envoy defines proxy_get_log_level for ABI 0.2.1 only; only Envoy has pthread_equal.
+    // Envoy defines proxy_get_log_level for ABI 0.2.1 only; both hosts have the Emscripten helpers.
     let envoy_only = module(
         dir.path(),
         "envoy-only",
         "0_2_0",
         r#"(import "env" "pthread_equal" (func (param i32 i32) (result i32)))
+           (import "env" "emscripten_notify_memory_growth" (func (param i32)))
            (import "env" "proxy_get_log_level" (func (param i32) (result i32)))"#,
     );
     let output = inspect(&[envoy_only.to_str().unwrap()]);
     let (stdout, stderr) = text(&output);
     assert_eq!(output.status.code(), Some(0), "{stdout}{stderr}");
     assert!(!stderr.contains("error:"), "{stderr}");
+    assert!(!stderr.contains("pthread_equal"), "{stderr}");
     assert!(
-        stderr.contains(
-            "warning: env.pthread_equal: Envoy 1.40.0 provides it, but Wasmgate does not"
-        ),
+        !stderr.contains("emscripten_notify_memory_growth"),
         "{stderr}"
     );
     assert!(
         stderr.contains("warning: env.proxy_get_log_level: Wasmgate provides it, but Envoy defines it only for ABI 0.2.1 modules"),
         "{stderr}"
     );
-    assert_eq!(
-        field(&stdout, "wasmgate"),
-        "does not load: it imports what Wasmgate does not provide: env.pthread_equal"
-    );
+    assert_eq!(field(&stdout, "wasmgate"), "loads", "{stdout}{stderr}");
 
     // ABI 0.1.0's void continue_request: Wasmgate links it, Envoy only the status-returning form.
     let void_form = module(
@@ -365,14 +358,14 @@ fn json_carries_the_whole_report() {
         "{raise}"
     );
     assert_eq!(import("random_get")["wasmgate_stub"], false);
-    assert_eq!(import("pthread_equal")["wasmgate"], false);
+    assert_eq!(import("pthread_equal")["wasmgate"], true);
     assert_eq!(
         report["wasi"],
         serde_json::json!({ "wasi_snapshot_preview1": ["proc_raise", "random_get"] })
     );
     assert_eq!(report["wasmgate_loads"], false);
     assert_eq!(report["errors"].as_array().unwrap().len(), 1);
-    assert_eq!(report["warnings"].as_array().unwrap().len(), 3);
+    assert_eq!(report["warnings"].as_array().unwrap().len(), 2);
 
     let output = inspect(&[plugin("basic_auth").to_str().unwrap(), "--json"]);
     assert_eq!(output.status.code(), Some(0));

@@ -64,11 +64,17 @@ pub(crate) const NAMES: &[&str] = &[
     "proxy_set_effective_context",
     "proxy_done",
     "proxy_call_foreign_function",
+    // Emscripten's runtime imports these into C++ SDK modules; Envoy defines both (see
+    // `add_to_linker`).
+    "emscripten_notify_memory_growth",
+    "pthread_equal",
 ];
 
 /// The parameter and result letters (`i` i32, `I` i64) of each function in [`NAMES`].
 pub(crate) fn signature(name: &str) -> Option<(&'static str, &'static str)> {
     let params = match name {
+        "emscripten_notify_memory_growth" => return Some(("i", "")),
+        "pthread_equal" => return Some(("ii", "i")),
         "proxy_done" => "",
         "proxy_get_log_level"
         | "proxy_get_current_time_nanoseconds"
@@ -140,6 +146,20 @@ pub(crate) fn add_to_linker(
             })?;
         };
     }
+
+    // As proxy-wasm-cpp-host defines them for Emscripten-built modules: a growth notice needs no
+    // answer (the host reads memory through its current size on every call), and a module with
+    // one thread compares thread ids for equality.
+    linker.func_wrap(
+        "env",
+        "emscripten_notify_memory_growth",
+        |_caller: C<'_>, _memory_index: u32| {},
+    )?;
+    linker.func_wrap(
+        "env",
+        "pthread_equal",
+        |_caller: C<'_>, left: u32, right: u32| -> u32 { u32::from(left == right) },
+    )?;
 
     def!("proxy_log", |c, level: u32, p: u32, n: u32| log(
         c, level, p, n
