@@ -519,3 +519,98 @@ fn listeners_are_added_and_removed_on_reload_and_a_removed_one_finishes_its_requ
     assert!(log.contains(&format!("cannot listen on {busy}")), "{log}");
     drop(taken);
 }
+
+#[test]
+fn clusters_routes_and_listeners_changed_ten_times_under_load_lose_no_request() {
+    let one = fixed_upstream("one");
+    let two = fixed_upstream("two");
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("gateway.yaml");
+    let yaml = |round: u64| {
+        let (endpoint, body) = if round % 2 == 0 {
+            (one, "one")
+        } else {
+            (two, "two")
+        };
+        let extra = if round % 2 == 1 {
+            "  - name: extra\n    address: 127.0.0.1:0\n    routes: [ { match: { prefix: / }, direct_response: { status: 200, body: extra } } ]\n"
+        } else {
+            ""
+        };
+        let yaml = format!(
+            "workers: 2\nadmin: 127.0.0.1:0\nlisteners:\n  - name: main\n    address: 127.0.0.1:0\n    routes:\n      - {{ match: {{ path: /round }}, direct_response: {{ status: 200, body: \"{round}\" }} }}\n      - {{ match: {{ prefix: / }}, cluster: up{round} }}\n{extra}clusters:\n  - {{ name: up{round}, endpoints: [\"{endpoint}\"] }}\n"
+        );
+        (yaml, body)
+    };
+    std::fs::write(&config, yaml(0).0).unwrap();
+    let gateway = start_capturing(wasmgate().args(["run", "--config", config.to_str().unwrap()]));
+    let address = gateway.listener("main");
+    let stop = Arc::new(AtomicBool::new(false));
+    let outcomes: Arc<Mutex<Vec<(u16, String)>>> = Arc::default();
+    let clients: Vec<_> = (0..2)
+        .map(|_| {
+            let (stop, outcomes) = (stop.clone(), outcomes.clone());
+            std::thread::spawn(move || {
+                for _ in 0..20_000 {
+                    if stop.load(Ordering::Relaxed) {
+                        break;
+                    }
+                    let (status, answer) = get(address, "/", "");
+                    let body = answer.split_once("\r\n\r\n").unwrap_or_default().1;
+                    outcomes.lock().push((status, body.to_owned()));
+                }
+            })
+        })
+        .collect();
+
+    for round in 1..=10u64 {
+        let (text, body) = yaml(round);
+        replace(&config, &text);
+        // The generation counts a reload once every worker has applied all of it.
+        assert!(
+            eventually(Duration::from_secs(20), || {
+                metric(gateway.admin, "wasmgate_config_generation") >= round
+            }),
+            "round {round} applied; log:\n{}",
+            gateway.stderr.lock()
+        );
+        assert!(get(address, "/round", "").1.ends_with(&round.to_string()));
+        for _ in 0..4 {
+            let (status, answer) = get(address, "/", "");
+            assert_eq!(status, 200, "{answer}");
+            assert!(answer.ends_with(body), "round {round}: {answer}");
+        }
+        let names = listener_names(gateway.admin);
+        assert_eq!(
+            names.contains(&"extra".to_owned()),
+            round % 2 == 1,
+            "{names:?}"
+        );
+    }
+    stop.store(true, Ordering::Relaxed);
+    for client in clients {
+        client
+            .join()
+            .expect("no client saw a connection error (get panics on one)");
+    }
+    let outcomes = outcomes.lock();
+    assert!(outcomes.len() > 20, "the load ran: {}", outcomes.len());
+    let failed: Vec<_> = outcomes
+        .iter()
+        .filter(|(status, body)| *status != 200 || !(body == "one" || body == "two"))
+        .collect();
+    assert!(
+        failed.is_empty(),
+        "{} of {} requests failed: {:?}",
+        failed.len(),
+        outcomes.len(),
+        &failed[..failed.len().min(5)]
+    );
+    assert_eq!(
+        metric(
+            gateway.admin,
+            "wasmgate_config_reloads_total{result=\"failure\"}"
+        ),
+        0
+    );
+}
