@@ -769,10 +769,26 @@ pub fn serve(
         },
     )
     .with_context(|| format!("admin: cannot listen on {}", prepared.admin))?;
+    // Where each plugin was declared, so a plugin that refuses to start is named with its file.
+    let origins: Vec<(String, String)> = prepared
+        .slots
+        .iter()
+        .map(|slot| {
+            (
+                slot.spec.name.clone(),
+                declared_at(&slot.spec.origin, config_path.as_deref()),
+            )
+        })
+        .collect();
     let gateway = match wasmgate_dataplane::start(control.runtime.clone(), prepared.spec, stats) {
         Ok(gateway) => Arc::new(gateway),
         Err(error) => {
             admin.shutdown();
+            if let wasmgate_dataplane::StartError::Plugin { plugin, .. } = &error
+                && let Some((_, origin)) = origins.iter().find(|(name, _)| name == plugin)
+            {
+                return Err(anyhow::anyhow!("{origin}: {error}"));
+            }
             return Err(error.into());
         }
     };
@@ -1076,6 +1092,18 @@ fn background(
         if !changed.is_empty() {
             publish(&state.slots, None);
         }
+    }
+}
+
+/// Where a plugin was declared, with the gateway configuration's file for its own filters.
+fn declared_at(origin: &wasmgate_config::PluginOrigin, config_path: Option<&Path>) -> String {
+    use wasmgate_config::PluginOrigin;
+    match (origin, config_path) {
+        (
+            PluginOrigin::EnvoyFilter { .. } | PluginOrigin::EnvoyNetworkFilter { .. },
+            Some(path),
+        ) => format!("{}: {origin}", path.display()),
+        _ => origin.to_string(),
     }
 }
 

@@ -5,35 +5,12 @@ mod common;
 
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
-use std::path::PathBuf;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
 use common::*;
 use parking_lot::Mutex;
-
-fn write_config(dir: &tempfile::TempDir, yaml: &str) -> PathBuf {
-    let path = dir.path().join("gateway.yaml");
-    std::fs::write(&path, yaml).unwrap();
-    path
-}
-
-/// Starts `wasmgate run` on `yaml`, which must fail; returns what it wrote to stderr.
-fn refused_start(yaml: &str) -> String {
-    let dir = tempfile::tempdir().unwrap();
-    let config = write_config(&dir, yaml);
-    let output = wasmgate()
-        .args(["run", "--config", config.to_str().unwrap()])
-        .output()
-        .unwrap();
-    let stderr = String::from_utf8_lossy(&output.stderr).into_owned();
-    assert!(
-        !output.status.success(),
-        "start-up must fail for:\n{yaml}\nstderr:\n{stderr}"
-    );
-    stderr
-}
 
 /// The values of header `name` in a request or response head (the text up to the blank line).
 fn header_values(text: &str, name: &str) -> Vec<String> {
@@ -376,7 +353,7 @@ fn ext_authz_refuses_a_bad_configuration() {
             "workers: 1\nadmin: 127.0.0.1:0\nlisteners:\n{}clusters:\n  - {{ name: up, endpoints: [\"127.0.0.1:9\"] }}\n",
             listener("main", &filter("authz", &wasm, configuration))
         );
-        let stderr = refused_start(&yaml);
+        let stderr = run_expecting_failure(&yaml);
         assert!(
             stderr.contains("ext-authz: invalid configuration") && stderr.contains(expected),
             "{configuration}: expected {expected:?} in:\n{stderr}"
@@ -567,7 +544,7 @@ fn rate_limit_refuses_a_bad_configuration() {
             "workers: 1\nadmin: 127.0.0.1:0\nlisteners:\n{}clusters:\n  - {{ name: up, endpoints: [\"127.0.0.1:9\"] }}\n",
             listener("main", &filter("limit", &wasm, configuration))
         );
-        let stderr = refused_start(&yaml);
+        let stderr = run_expecting_failure(&yaml);
         assert!(
             stderr.contains("rate-limit: invalid configuration") && stderr.contains(expected),
             "{configuration}: expected {expected:?} in:\n{stderr}"

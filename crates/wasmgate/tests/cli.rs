@@ -4,16 +4,9 @@
 mod common;
 
 use std::net::SocketAddr;
-use std::path::PathBuf;
 use std::time::Duration;
 
 use common::*;
-
-fn write_config(dir: &tempfile::TempDir, yaml: &str) -> PathBuf {
-    let path = dir.path().join("gateway.yaml");
-    std::fs::write(&path, yaml).unwrap();
-    path
-}
 
 fn config_with(upstream: SocketAddr, filters: &str) -> String {
     format!(
@@ -148,22 +141,6 @@ fn sigterm_lets_requests_in_flight_finish() {
     let (code, answer) = in_flight.join().unwrap();
     assert_eq!(code, 200, "the request in flight finished: {answer}");
     assert!(status.success());
-}
-
-fn run_expecting_failure(yaml: &str) -> String {
-    let dir = tempfile::tempdir().unwrap();
-    let config = write_config(&dir, yaml);
-    let output = wasmgate()
-        .args(["run", "--config", config.to_str().unwrap()])
-        .output()
-        .unwrap();
-    assert!(!output.status.success(), "start-up must fail");
-    let stderr = String::from_utf8_lossy(&output.stderr).into_owned();
-    assert!(
-        stderr.contains("gateway.yaml"),
-        "the file is named: {stderr}"
-    );
-    stderr
 }
 
 #[test]

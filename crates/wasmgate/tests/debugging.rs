@@ -4,16 +4,9 @@
 
 mod common;
 
-use std::path::PathBuf;
 use std::time::Duration;
 
 use common::*;
-
-fn write_config(dir: &tempfile::TempDir, yaml: &str) -> PathBuf {
-    let path = dir.path().join("gateway.yaml");
-    std::fs::write(&path, yaml).unwrap();
-    path
-}
 
 fn post(address: std::net::SocketAddr, path: &str) -> (u16, String) {
     http(

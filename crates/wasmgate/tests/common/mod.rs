@@ -355,3 +355,31 @@ pub fn start_logging_to(command: &mut Command, log: &std::path::Path) -> Running
         stderr: Arc::default(),
     }
 }
+
+/// Writes `yaml` as `gateway.yaml` in `dir`.
+pub fn write_config(dir: &tempfile::TempDir, yaml: &str) -> PathBuf {
+    let path = dir.path().join("gateway.yaml");
+    std::fs::write(&path, yaml).unwrap();
+    path
+}
+
+/// Starts `wasmgate run` on `yaml`, which must fail naming the file; returns what it wrote to
+/// stderr.
+pub fn run_expecting_failure(yaml: &str) -> String {
+    let dir = tempfile::tempdir().unwrap();
+    let config = write_config(&dir, yaml);
+    let output = wasmgate()
+        .args(["run", "--config", config.to_str().unwrap()])
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&output.stderr).into_owned();
+    assert!(
+        !output.status.success(),
+        "start-up must fail for:\n{yaml}\nstderr:\n{stderr}"
+    );
+    assert!(
+        stderr.contains("gateway.yaml"),
+        "the file is named: {stderr}"
+    );
+    stderr
+}
