@@ -211,6 +211,24 @@ fn set_logging(state: &AdminState, query: &str) -> Response<Full<Bytes>> {
         .iter()
         .find(|(name, _)| name == "plugin")
         .map(|(_, value)| value.clone());
+    // Checked before anything changes: a request naming an unknown plugin changes nothing.
+    let known = plugin_names(state);
+    let named = pairs
+        .iter()
+        .filter_map(|(name, _)| name.strip_prefix("wasm."))
+        .chain(plugin.as_deref());
+    for name in named {
+        if !known.iter().any(|k| k == name) {
+            return text(
+                StatusCode::BAD_REQUEST,
+                "text/plain",
+                format!(
+                    "unknown plugin {name:?}; the plugins are: {}\n",
+                    known.join(", ")
+                ),
+            );
+        }
+    }
     for (name, value) in &pairs {
         let (name, value) = (name.as_str(), value.as_str());
         if name == "plugin" {
@@ -255,6 +273,23 @@ fn set_logging(state: &AdminState, query: &str) -> Response<Full<Bytes>> {
         }
     }
     text(StatusCode::OK, "text/plain", loggers(state))
+}
+
+/// The configured plugins' names, as `/plugins` lists them.
+fn plugin_names(state: &AdminState) -> Vec<String> {
+    let plugins = state.plugins.read();
+    let mut names: Vec<String> = plugins
+        .as_array()
+        .map(|entries| {
+            entries
+                .iter()
+                .filter_map(|entry| entry["name"].as_str().map(str::to_owned))
+                .collect()
+        })
+        .unwrap_or_default();
+    names.sort();
+    names.dedup();
+    names
 }
 
 /// `%XX` escapes in a query component (plugin names may hold `/` or `.`); `+` is a space.

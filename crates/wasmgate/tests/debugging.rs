@@ -103,6 +103,17 @@ clusters:
         "the trace is off again"
     );
     assert_eq!(post(gateway.admin, "/logging?wasm=loud").0, 400);
+    // An unknown plugin is refused, naming the known ones, and changes nothing.
+    let (status, body) = post(gateway.admin, "/logging?wasm=trace&plugin=nosuch");
+    assert_eq!(status, 400, "{body}");
+    assert!(
+        body.contains("unknown plugin \"nosuch\"; the plugins are: first, second"),
+        "{body}"
+    );
+    let (status, body) = post(gateway.admin, "/logging?wasm.first=debug&wasm.nosuch=debug");
+    assert_eq!(status, 400, "{body}");
+    let (_, loggers) = get(gateway.admin, "/logging", "");
+    assert!(!loggers.contains("wasm.first: debug"), "{loggers}");
 }
 
 #[test]
