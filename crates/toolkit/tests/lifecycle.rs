@@ -1004,9 +1004,9 @@ fn wasi_guest(module: &str) -> Guest {
         )
         .export(
             "poll_oneoff",
-            0,
+            2,
             true,
-            "(call $poll_oneoff (i32.const 512) (i32.const 600) (i32.const 1) (i32.const 608))",
+            "(call $poll_oneoff (local.get $p0) (i32.const 700) (local.get $p1) (i32.const 800))",
         )
         .export(
             "args_sizes_get",
@@ -1042,11 +1042,32 @@ fn check_wasi_stubs(module: &str) {
             "{module}.fd_prestat_get({fd}): no preopened directories"
         );
     }
-    assert_eq!(
-        call("poll_oneoff", &[]),
-        errno::NOSYS,
-        "{module}.poll_oneoff"
-    );
+    // poll_oneoff: a clock subscription fires at once with its userdata; stdout is writable; any
+    // other descriptor is BADF in its event; no subscriptions is INVAL, a table past memory FAULT.
+    let subscription = 512;
+    for (kind, fd, error) in [
+        (0, 0, errno::SUCCESS),
+        (2, 1, errno::SUCCESS),
+        (2, 5, errno::BADF),
+    ] {
+        call("poke", &[subscription, 4242]); // userdata
+        call("poke", &[subscription + 8, kind]);
+        call("poke", &[subscription + 16, fd]);
+        assert_eq!(
+            call("poll_oneoff", &[subscription, 1]),
+            errno::SUCCESS,
+            "{module}.poll_oneoff kind {kind}"
+        );
+        assert_eq!(call("peek", &[800]), 1, "one event");
+        assert_eq!(call("peek", &[700]), 4242, "the userdata comes back");
+        assert_eq!(
+            call("peek", &[708]),
+            error | (kind << 16),
+            "{module}.poll_oneoff kind {kind} fd {fd}: error and type"
+        );
+    }
+    assert_eq!(call("poll_oneoff", &[subscription, 0]), errno::INVAL);
+    assert_eq!(call("poll_oneoff", &[subscription, 1 << 20]), errno::FAULT);
     call("poke", &[100, 77]);
     call("poke", &[104, 77]);
     assert_eq!(

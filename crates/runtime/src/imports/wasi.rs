@@ -1,7 +1,9 @@
 //! The WASI preview1 subset the Proxy-Wasm spec expects (also under `wasi_unstable`, as
 //! proxy-wasm-cpp-host registers it): stdout/stderr to the plugin log, clocks, randomness, the
-//! plugin's own environment, empty arguments, and `proc_exit` ending the VM. Every other preview1
-//! name links and answers BADF (descriptors: there are none) or NOSYS, so SDK start-up code links.
+//! plugin's own environment, empty arguments, `proc_exit` ending the VM, and what Go's wasip1
+//! runtime needs besides (`poll_oneoff` for its sleeps, `fd_fdstat_set_flags` on the standard
+//! streams, `sched_yield`). Every other preview1 name links and answers BADF (descriptors: there
+//! are none) or NOSYS, so SDK start-up code links.
 
 use std::sync::OnceLock;
 use std::time::{Instant, SystemTime, UNIX_EPOCH};
@@ -28,6 +30,8 @@ pub(crate) const IMPLEMENTED: &[&str] = &[
     "args_sizes_get",
     "proc_exit",
     "sched_yield",
+    "poll_oneoff",
+    "fd_fdstat_set_flags",
 ];
 
 /// The rest of preview1, each answering a fixed errno.
@@ -36,7 +40,6 @@ pub(crate) const STUBS: &[(&str, i32)] = &[
     ("fd_allocate", errno::BADF),
     ("fd_close", errno::BADF),
     ("fd_datasync", errno::BADF),
-    ("fd_fdstat_set_flags", errno::BADF),
     ("fd_fdstat_set_rights", errno::BADF),
     ("fd_filestat_get", errno::BADF),
     ("fd_filestat_set_size", errno::BADF),
@@ -61,7 +64,6 @@ pub(crate) const STUBS: &[(&str, i32)] = &[
     ("path_rename", errno::BADF),
     ("path_symlink", errno::BADF),
     ("path_unlink_file", errno::BADF),
-    ("poll_oneoff", errno::NOSYS),
     ("proc_raise", errno::NOSYS),
     ("sock_accept", errno::BADF),
     ("sock_recv", errno::BADF),
@@ -78,6 +80,8 @@ pub(crate) fn signature(name: &str) -> Option<(&'static str, &'static str)> {
         "clock_time_get" => ("iIi", "i"),
         "proc_exit" => ("i", ""),
         "sched_yield" => ("", "i"),
+        "poll_oneoff" => ("iiii", "i"),
+        "fd_fdstat_set_flags" => ("ii", "i"),
         _ => return None,
     })
 }
@@ -187,6 +191,19 @@ pub(crate) fn add_to_linker(
             errno_of(check(c, pointers, 0).and_then(|()| check(c, buffer, 0)))
         });
         wasi!("sched_yield", |_c| errno::SUCCESS);
+        wasi!(
+            "poll_oneoff",
+            |c, subscriptions: u32, events: u32, count: u32, count_out: u32| {
+                // wasi_unstable's clock subscription has one more field.
+                let size = if module == "wasi_unstable" { 56 } else { 48 };
+                poll_oneoff(c, size, subscriptions, events, count, count_out)
+            }
+        );
+        // Go's runtime sets its standard streams' flags at start-up (as proxy-wasm-cpp-host
+        // answers for the Go SDK): accepted, and changing nothing, on stdin, stdout and stderr.
+        wasi!("fd_fdstat_set_flags", |_c, fd: u32, _flags: u32| {
+            if fd <= 2 { errno::SUCCESS } else { errno::BADF }
+        });
         // Not gated: a plugin that wants to end itself may.
         linker.func_wrap(
             module,
@@ -218,6 +235,54 @@ pub(crate) fn add_to_linker(
         )?;
     }
     Ok(())
+}
+
+/// Bytes of an `event` (a `subscription` is 48 in preview1, 56 in `wasi_unstable`).
+const EVENT_SIZE: u32 = 32;
+
+/// `poll_oneoff`, for what a plugin can wait on here: clock subscriptions fire at once (a plugin
+/// never puts a worker thread to sleep; Go's runtime, which sleeps through this call between its
+/// own looks at the clock, then waits by looking again), stdout and stderr are always writable,
+/// and any other descriptor is BADF in its event.
+fn poll_oneoff(
+    c: &mut C<'_>,
+    subscription_size: u32,
+    subscriptions: u32,
+    events: u32,
+    count: u32,
+    count_out: u32,
+) -> i32 {
+    if count == 0 {
+        return errno::INVAL;
+    }
+    let (Some(table_len), Some(events_len)) = (
+        count.checked_mul(subscription_size),
+        count.checked_mul(EVENT_SIZE),
+    ) else {
+        return errno::FAULT;
+    };
+    let Ok(table) = with_bytes(c, subscriptions, table_len, |bytes, _| bytes.to_vec()) else {
+        return errno::FAULT;
+    };
+    let mut answer = Vec::with_capacity(events_len as usize);
+    for subscription in table.chunks_exact(subscription_size as usize) {
+        const CLOCK: u8 = 0;
+        const FD_WRITE: u8 = 2;
+        let kind = subscription[8];
+        let fd = u32::from_le_bytes(subscription[16..20].try_into().expect("4 bytes"));
+        let error = match kind {
+            CLOCK => errno::SUCCESS,
+            FD_WRITE if (1..=2).contains(&fd) => errno::SUCCESS,
+            1 | FD_WRITE => errno::BADF,
+            _ => errno::INVAL,
+        };
+        let mut event = [0u8; EVENT_SIZE as usize];
+        event[..8].copy_from_slice(&subscription[..8]); // userdata
+        event[8..10].copy_from_slice(&(error as u16).to_le_bytes());
+        event[10] = kind;
+        answer.extend_from_slice(&event);
+    }
+    errno_of(write(c, events, &answer).and_then(|()| write_u32(c, count_out, count)))
 }
 
 fn clock_now(id: u32) -> Option<u64> {
