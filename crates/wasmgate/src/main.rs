@@ -63,7 +63,7 @@ enum Command {
 
 #[derive(Subcommand)]
 enum PluginCommand {
-    /// Create a plugin project (Rust or AssemblyScript) that builds to a .wasm out of the box.
+    /// Create a plugin project (Rust, AssemblyScript, C++ or Go) with a build, a test and a gateway config.
     New(scaffold::NewArgs),
     /// Build a plugin project to its .wasm; print its path, size and sha256.
     Build(scaffold::BuildArgs),

@@ -16,9 +16,11 @@ pub enum Lang {
     /// AssemblyScript with @solo-io/proxy-runtime (needs Node.js and npm).
     #[value(alias = "as")]
     Assemblyscript,
-    /// C++ (not templated yet).
+    /// C++ with proxy-wasm-cpp-sdk (needs Emscripten's em++, make and a checkout of the SDK).
     Cpp,
-    /// TinyGo (not templated yet).
+    /// Go with proxy-wasm-go-sdk (needs Go 1.24 or later: the maintained Go SDK targets the
+    /// upstream Go compiler, not TinyGo).
+    #[value(alias = "go")]
     Tinygo,
 }
 
@@ -55,11 +57,25 @@ const AS_TSCONFIG: &str = include_str!("../templates/assemblyscript/tsconfig.jso
 const AS_README: &str = include_str!("../templates/assemblyscript/README.md");
 const AS_GATEWAY: &str = include_str!("../templates/assemblyscript/gateway.yaml");
 const AS_GITIGNORE: &str = include_str!("../templates/assemblyscript/gitignore");
-/// The same cases fit both templates: they add the same header from the same configuration.
+const CPP_PLUGIN_CC: &str = include_str!("../templates/cpp/plugin.cc");
+const CPP_MAKEFILE: &str = include_str!("../templates/cpp/Makefile");
+const CPP_README: &str = include_str!("../templates/cpp/README.md");
+const CPP_GATEWAY: &str = include_str!("../templates/cpp/gateway.yaml");
+const CPP_GITIGNORE: &str = include_str!("../templates/cpp/gitignore");
+const GO_MAIN_GO: &str = include_str!("../templates/tinygo/main.go");
+const GO_MOD: &str = include_str!("../templates/tinygo/go.mod");
+const GO_README: &str = include_str!("../templates/tinygo/README.md");
+const GO_GATEWAY: &str = include_str!("../templates/tinygo/gateway.yaml");
+const GO_GITIGNORE: &str = include_str!("../templates/tinygo/gitignore");
+/// The same cases fit every template: they add the same header from the same configuration.
 const CASES: &str = include_str!("../templates/cases.yaml");
 
 /// The module an AssemblyScript project builds (its package.json `asbuild` script).
 const AS_MODULE: &str = "build/plugin.wasm";
+/// The module a C++ project's Makefile builds (from plugin.cc).
+const CPP_MODULE: &str = "plugin.wasm";
+/// The module a Go project builds (`go build -o`).
+const GO_MODULE: &str = "main.wasm";
 const RUST_TARGET: &str = "wasm32-wasip1";
 
 fn check_name(name: &str) -> anyhow::Result<()> {
@@ -107,16 +123,24 @@ fn project_files(name: &str, lang: Lang) -> anyhow::Result<Vec<(&'static str, St
             (".gitignore", fill(AS_GITIGNORE, AS_MODULE)),
             ("tests/cases.yaml", fill(CASES, AS_MODULE)),
         ]),
-        Lang::Cpp => bail!(
-            "--lang cpp has no template yet: a C++ plugin needs Emscripten (emcc) and \
-             proxy-wasm-cpp-sdk (https://github.com/proxy-wasm/proxy-wasm-cpp-sdk); \
-             use --lang rust or --lang assemblyscript, or start from that SDK's examples"
-        ),
-        Lang::Tinygo => bail!(
-            "--lang tinygo has no template yet: a Go plugin needs TinyGo and a Go Proxy-Wasm SDK \
-             (https://github.com/proxy-wasm/proxy-wasm-go-sdk); use --lang rust or \
-             --lang assemblyscript, or start from that SDK's examples"
-        ),
+        // The name only appears inside strings and as the Go module path (which may hold `-`
+        // and `_`); the C++ classes and the Go package (`main`) have fixed names.
+        Lang::Cpp => Ok(vec![
+            ("plugin.cc", fill(CPP_PLUGIN_CC, CPP_MODULE)),
+            ("Makefile", fill(CPP_MAKEFILE, CPP_MODULE)),
+            ("README.md", fill(CPP_README, CPP_MODULE)),
+            ("gateway.yaml", fill(CPP_GATEWAY, CPP_MODULE)),
+            (".gitignore", fill(CPP_GITIGNORE, CPP_MODULE)),
+            ("tests/cases.yaml", fill(CASES, CPP_MODULE)),
+        ]),
+        Lang::Tinygo => Ok(vec![
+            ("main.go", fill(GO_MAIN_GO, GO_MODULE)),
+            ("go.mod", fill(GO_MOD, GO_MODULE)),
+            ("README.md", fill(GO_README, GO_MODULE)),
+            ("gateway.yaml", fill(GO_GATEWAY, GO_MODULE)),
+            (".gitignore", fill(GO_GITIGNORE, GO_MODULE)),
+            ("tests/cases.yaml", fill(CASES, GO_MODULE)),
+        ]),
     }
 }
 
@@ -276,10 +300,140 @@ fn build_assemblyscript(dir: &Path) -> anyhow::Result<PathBuf> {
     Ok(dir.join(AS_MODULE))
 }
 
+/// A program a build needs, and where to get it.
+struct Tool {
+    /// The command, as looked up on PATH (or a path).
+    command: std::ffi::OsString,
+    /// What it is, for the message.
+    what: &'static str,
+    /// How to install it.
+    install: &'static str,
+}
+
+/// Where `command` is: itself when it names a path, else the first executable file of that name in
+/// a PATH folder.
+fn find_program(command: &std::ffi::OsStr) -> Option<PathBuf> {
+    let is_program = |path: &Path| {
+        #[cfg(unix)]
+        {
+            use std::os::unix::fs::PermissionsExt;
+            path.metadata()
+                .is_ok_and(|m| m.is_file() && m.permissions().mode() & 0o111 != 0)
+        }
+        #[cfg(not(unix))]
+        {
+            path.is_file() || path.with_extension("exe").is_file()
+        }
+    };
+    let path = Path::new(command);
+    if path.components().count() > 1 {
+        return is_program(path).then(|| path.to_path_buf());
+    }
+    std::env::split_paths(&std::env::var_os("PATH")?)
+        .map(|folder| folder.join(command))
+        .find(|candidate| is_program(candidate))
+}
+
+/// Fails, before anything runs, when one of `tools` is missing: names each missing tool, where to
+/// get it, and the command the build would have run.
+fn require_tools(tools: &[Tool], dir: &Path, would_run: &str) -> anyhow::Result<()> {
+    let missing: Vec<&Tool> = tools
+        .iter()
+        .filter(|tool| find_program(&tool.command).is_none())
+        .collect();
+    if missing.is_empty() {
+        return Ok(());
+    }
+    let mut message = String::new();
+    for tool in &missing {
+        message.push_str(&format!(
+            "{} ({}) is not on PATH; install it: {}\n",
+            tool.command.to_string_lossy(),
+            tool.what,
+            tool.install
+        ));
+    }
+    let dir = std::fs::canonicalize(dir).unwrap_or_else(|_| dir.to_path_buf());
+    message.push_str(&format!(
+        "not building {}; the build would have run, in that folder:\n{would_run}",
+        dir.display()
+    ));
+    bail!(message)
+}
+
+/// The C++ compiler the template's Makefile runs: `$EMXX`, as make would take it, else em++.
+fn emxx() -> std::ffi::OsString {
+    std::env::var_os("EMXX")
+        .filter(|v| !v.is_empty())
+        .unwrap_or_else(|| "em++".into())
+}
+
+fn build_cpp(dir: &Path) -> anyhow::Result<PathBuf> {
+    require_tools(
+        &[
+            Tool {
+                command: emxx(),
+                what: "Emscripten's C++ compiler, which the Makefile runs",
+                install: "https://emscripten.org/docs/getting_started/downloads.html, then \
+                          `source emsdk_env.sh`; the Makefile also needs a checkout of \
+                          https://github.com/proxy-wasm/proxy-wasm-cpp-sdk (see the project's \
+                          README.md)",
+            },
+            Tool {
+                command: "make".into(),
+                what: "GNU make",
+                install: "https://www.gnu.org/software/make/ (or your system's package, e.g. \
+                          `apt-get install make`)",
+            },
+        ],
+        dir,
+        "  make    (the Makefile runs em++ on plugin.cc and the SDK's proxy_wasm_intrinsics.cc)",
+    )?;
+    run(Command::new("make").current_dir(dir), "make")?;
+    Ok(dir.join(CPP_MODULE))
+}
+
+const GO_BUILD: &[&str] = &["build", "-buildmode=c-shared", "-o", GO_MODULE, "."];
+
+fn build_go(dir: &Path) -> anyhow::Result<PathBuf> {
+    let tidy = !dir.join("go.sum").exists();
+    let would_run = format!(
+        "{}  GOOS=wasip1 GOARCH=wasm go {}",
+        if tidy { "  go mod tidy\n" } else { "" },
+        GO_BUILD.join(" ")
+    );
+    require_tools(
+        &[Tool {
+            command: "go".into(),
+            what: "the Go toolchain, 1.24 or later: proxy-wasm-go-sdk builds with upstream Go, \
+                   not TinyGo",
+            install: "https://go.dev/dl/",
+        }],
+        dir,
+        &would_run,
+    )?;
+    if tidy {
+        run(
+            Command::new("go").current_dir(dir).args(["mod", "tidy"]),
+            "go mod tidy",
+        )?;
+    }
+    run(
+        Command::new("go")
+            .current_dir(dir)
+            .env("GOOS", "wasip1")
+            .env("GOARCH", "wasm")
+            .args(GO_BUILD),
+        "GOOS=wasip1 GOARCH=wasm go build",
+    )?;
+    Ok(dir.join(GO_MODULE))
+}
+
 /// `wasmgate plugin build [DIR] [--oci OUTDIR]`.
 pub fn build(args: BuildArgs) -> anyhow::Result<ExitCode> {
     let dir = &args.dir;
     let package_json = dir.join("package.json");
+    let makefile = dir.join("Makefile");
     let module = if dir.join("Cargo.toml").is_file() {
         build_rust(dir)?
     } else if package_json.is_file() {
@@ -292,10 +446,23 @@ pub fn build(args: BuildArgs) -> anyhow::Result<ExitCode> {
             );
         }
         build_assemblyscript(dir)?
+    } else if dir.join("go.mod").is_file() {
+        build_go(dir)?
+    } else if makefile.is_file() {
+        let text = std::fs::read_to_string(&makefile)
+            .with_context(|| format!("reading {}", makefile.display()))?;
+        if !text.contains("PROXY_WASM_CPP_SDK") && !text.contains("proxy_wasm_intrinsics") {
+            bail!(
+                "{}: not a Proxy-Wasm C++ project (the Makefile does not use \
+                 proxy-wasm-cpp-sdk: no PROXY_WASM_CPP_SDK or proxy_wasm_intrinsics)",
+                makefile.display()
+            );
+        }
+        build_cpp(dir)?
     } else {
         bail!(
-            "{}: no Cargo.toml or package.json; `wasmgate plugin build` knows Rust and \
-             AssemblyScript projects (see `wasmgate plugin new`)",
+            "{}: no Cargo.toml, package.json, go.mod or Makefile; `wasmgate plugin build` knows \
+             Rust, AssemblyScript, Go and C++ (Emscripten) projects (see `wasmgate plugin new`)",
             dir.display()
         );
     };

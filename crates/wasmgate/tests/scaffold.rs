@@ -292,7 +292,7 @@ fn a_new_assemblyscript_plugin_is_generated_and_builds_with_the_repo_toolchain()
 }
 
 #[test]
-fn new_refuses_bad_names_existing_folders_and_untemplated_languages() {
+fn new_refuses_bad_names_existing_folders_and_unknown_languages() {
     let temp = tempfile::tempdir().unwrap();
     let dir = temp.path();
     for bad in ["a b", "../escape", "x/y", "9lives", ""] {
@@ -313,14 +313,12 @@ fn new_refuses_bad_names_existing_folders_and_untemplated_languages() {
 
     let stderr = failed(&run(&["plugin", "new", "x", "--lang", "cobol"], dir));
     assert!(stderr.contains("invalid value 'cobol'"), "{stderr}");
-    let stderr = failed(&run(&["plugin", "new", "x", "--lang", "cpp"], dir));
-    assert!(
-        stderr.contains("emcc") && stderr.contains("proxy-wasm-cpp-sdk"),
-        "{stderr}"
-    );
-    let stderr = failed(&run(&["plugin", "new", "x", "--lang", "tinygo"], dir));
-    assert!(stderr.contains("TinyGo"), "{stderr}");
     assert!(!dir.join("x").exists());
+    // C++ and Go are templated now (their own tests below check the projects).
+    ok(&run(&["plugin", "new", "x-cpp", "--lang", "cpp"], dir));
+    assert!(dir.join("x-cpp/plugin.cc").is_file());
+    ok(&run(&["plugin", "new", "x-go", "--lang", "tinygo"], dir));
+    assert!(dir.join("x-go/main.go").is_file());
 
     // --dir puts the project elsewhere.
     std::fs::create_dir(dir.join("parent")).unwrap();
@@ -349,5 +347,361 @@ fn new_refuses_bad_names_existing_folders_and_untemplated_languages() {
 
     // build refuses a folder that is no project.
     let stderr = failed(&run(&["plugin", "build", "taken"], dir));
-    assert!(stderr.contains("no Cargo.toml or package.json"), "{stderr}");
+    assert!(
+        stderr.contains("no Cargo.toml, package.json, go.mod or Makefile"),
+        "{stderr}"
+    );
+    // ... and a Makefile that is not a Proxy-Wasm C++ one.
+    std::fs::write(dir.join("taken/Makefile"), "all:\n\ttrue\n").unwrap();
+    let stderr = failed(&run(&["plugin", "build", "taken"], dir));
+    assert!(stderr.contains("not a Proxy-Wasm C++ project"), "{stderr}");
+}
+
+/// `wasmgate` with PATH replaced by `path`, so the toolchains it finds are the test's.
+fn run_with_path(args: &[&str], cwd: &Path, path: &std::ffi::OsStr) -> Output {
+    wasmgate()
+        .args(args)
+        .current_dir(cwd)
+        .env("PATH", path)
+        .env_remove("EMXX")
+        .output()
+        .unwrap()
+}
+
+/// A failure that is a clean error (exit 1, an `error:` line), not a panic; returns stderr.
+fn clean_failure(output: &Output) -> String {
+    let stderr = failed(output);
+    assert_eq!(output.status.code(), Some(1), "{stderr}");
+    assert!(stderr.starts_with("error: "), "{stderr}");
+    assert!(!stderr.contains("panicked"), "{stderr}");
+    stderr
+}
+
+/// Writes an executable shell script `name` into `dir`.
+fn write_script(dir: &Path, name: &str, body: &str) {
+    use std::os::unix::fs::PermissionsExt;
+    let path = dir.join(name);
+    std::fs::write(&path, format!("#!/bin/sh\n{body}")).unwrap();
+    std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o755)).unwrap();
+}
+
+/// The folder holding `program` on this machine's PATH.
+fn folder_of(program: &str) -> Option<PathBuf> {
+    std::env::split_paths(&std::env::var_os("PATH")?).find(|folder| folder.join(program).is_file())
+}
+
+/// Writes the smallest valid Wasm module to the `-o` argument (a stand-in for a compiler's output).
+const FAKE_COMPILE: &str = r#"out=
+while [ $# -gt 0 ]; do [ "$1" = -o ] && out=$2; shift; done
+printf '\000asm\001\000\000\000' > "$out"
+"#;
+
+/// Checks the files a new project has, that every placeholder was filled and that the shared
+/// cases came along with the name; returns the project folder.
+fn check_new_project(parent: &Path, name: &str, lang: &str, files: &[&str]) -> PathBuf {
+    let stdout = ok(&run(&["plugin", "new", name, "--lang", lang], parent));
+    let project = parent.join(name);
+    for file in files {
+        assert!(stdout.contains(file), "{file} not listed:\n{stdout}");
+        let text =
+            std::fs::read_to_string(project.join(file)).unwrap_or_else(|e| panic!("{file}: {e}"));
+        assert!(
+            !text.contains("{{"),
+            "{file} has an unfilled placeholder:\n{text}"
+        );
+    }
+    let cases = std::fs::read_to_string(project.join("tests/cases.yaml")).unwrap();
+    assert!(
+        cases.contains(&format!(
+            "configuration: {{ header: x-{name}, value: hello }}"
+        )),
+        "{cases}"
+    );
+    assert!(cases.contains("contains: invalid configuration"), "{cases}");
+    project
+}
+
+/// The generated gateway.yaml passes `validate` once its module exists, on free ports.
+fn check_gateway_validates(project: &Path, module: &str) {
+    let gateway = std::fs::read_to_string(project.join("gateway.yaml")).unwrap();
+    assert!(
+        gateway.contains(&format!("filename: {module}")),
+        "{gateway}"
+    );
+    let yaml = gateway
+        .replace("127.0.0.1:8080", "127.0.0.1:0")
+        .replace("127.0.0.1:15000", "127.0.0.1:0");
+    std::fs::write(project.join("gateway.yaml"), yaml).unwrap();
+    let validated = ok(&run(&["validate", "gateway.yaml"], project));
+    assert!(validated.contains("gateway.yaml: ok"), "{validated}");
+}
+
+#[test]
+fn a_new_cpp_plugin_is_generated_and_built_with_make_and_em_plus_plus() {
+    let temp = tempfile::tempdir().unwrap();
+    let files = [
+        "plugin.cc",
+        "Makefile",
+        "README.md",
+        "gateway.yaml",
+        ".gitignore",
+        "tests/cases.yaml",
+    ];
+    let project = check_new_project(temp.path(), "demo-cpp", "cpp", &files);
+    let read = |file: &str| std::fs::read_to_string(project.join(file)).unwrap();
+    let source = read("plugin.cc");
+    for expected in [
+        "#include \"proxy_wasm_intrinsics.h\"",
+        "std::string header = \"x-demo-cpp\";",
+        "logInfo(\"demo-cpp: adding \" + config.header + \": \" + config.value);",
+        "logError(\"demo-cpp: invalid configuration: \" + error);",
+        "getBufferBytes(WasmBufferType::PluginConfiguration, 0, configuration_size)",
+        "FilterHeadersStatus onResponseHeaders(uint32_t, bool) override",
+        "addResponseHeader(",
+        "RegisterContextFactory register_AddHeader(CONTEXT_FACTORY(AddHeaderContext),",
+    ] {
+        assert!(source.contains(expected), "plugin.cc lacks {expected:?}");
+    }
+    let makefile = read("Makefile");
+    for expected in [
+        "PROXY_WASM_CPP_SDK ?= proxy-wasm-cpp-sdk",
+        "all: plugin.wasm",
+        "-sSTANDALONE_WASM",
+        "\t$(EMXX) --std=c++17",
+    ] {
+        assert!(makefile.contains(expected), "Makefile lacks {expected:?}");
+    }
+    let readme = read("README.md");
+    assert!(
+        readme.contains("wasmgate plugin test plugin.wasm tests/cases.yaml"),
+        "{readme}"
+    );
+    assert!(readme.contains("not built in Wasmgate's CI"), "{readme}");
+    assert_eq!(read(".gitignore").lines().next(), Some("/plugin.wasm"));
+
+    // Without the toolchain: a clear error naming each tool, where to get it, what would have run.
+    let empty = tempfile::tempdir().unwrap();
+    let stderr = clean_failure(&run_with_path(
+        &["plugin", "build", "demo-cpp"],
+        temp.path(),
+        empty.path().as_os_str(),
+    ));
+    for expected in [
+        "em++ (Emscripten",
+        "https://emscripten.org/",
+        "https://github.com/proxy-wasm/proxy-wasm-cpp-sdk",
+        "make (GNU make) is not on PATH",
+        "the build would have run, in that folder:\n  make",
+    ] {
+        assert!(stderr.contains(expected), "no {expected:?} in:\n{stderr}");
+    }
+    assert!(!project.join("plugin.wasm").exists());
+
+    // With a stand-in em++ (and the machine's make): make runs it with the SDK's options, and the
+    // module is reported and packed as for the other languages.
+    let make = folder_of("make").expect("make is needed to test the C++ build");
+    let bin = tempfile::tempdir().unwrap();
+    write_script(
+        bin.path(),
+        "em++",
+        &format!("echo \"$@\" > em-args.txt\n{FAKE_COMPILE}"),
+    );
+    let path = std::env::join_paths([bin.path(), &make]).unwrap();
+    // No SDK checkout yet: the Makefile says so.
+    let output = run_with_path(&["plugin", "build", "demo-cpp"], temp.path(), &path);
+    let stderr = failed(&output);
+    assert!(
+        stderr.contains("no proxy-wasm-cpp-sdk at proxy-wasm-cpp-sdk"),
+        "{stderr}"
+    );
+    assert!(stderr.contains("make failed"), "{stderr}");
+    std::fs::create_dir(project.join("proxy-wasm-cpp-sdk")).unwrap();
+    std::fs::write(
+        project.join("proxy-wasm-cpp-sdk/proxy_wasm_intrinsics.h"),
+        "",
+    )
+    .unwrap();
+    let oci = temp.path().join("oci");
+    let stdout = ok(&run_with_path(
+        &[
+            "plugin",
+            "build",
+            "demo-cpp",
+            "--oci",
+            oci.to_str().unwrap(),
+        ],
+        temp.path(),
+        &path,
+    ));
+    let (module, bytes) = check_built(&stdout);
+    assert_eq!(module, project.join("plugin.wasm").canonicalize().unwrap());
+    check_oci_layout(&oci, &bytes);
+    let args = read("em-args.txt");
+    for expected in [
+        "--std=c++17 -O3 -flto --no-entry",
+        "--js-library proxy-wasm-cpp-sdk/proxy_wasm_intrinsics.js",
+        "-sSTANDALONE_WASM -sEXPORTED_FUNCTIONS=_malloc",
+        "-Iproxy-wasm-cpp-sdk proxy-wasm-cpp-sdk/proxy_wasm_intrinsics.cc plugin.cc -o plugin.wasm",
+    ] {
+        assert!(args.contains(expected), "em++ got {args}");
+    }
+
+    check_gateway_validates(&project, "plugin.wasm");
+}
+
+#[test]
+fn a_new_go_plugin_is_generated_and_built_with_go_for_wasip1() {
+    let temp = tempfile::tempdir().unwrap();
+    let files = [
+        "main.go",
+        "go.mod",
+        "README.md",
+        "gateway.yaml",
+        ".gitignore",
+        "tests/cases.yaml",
+    ];
+    let project = check_new_project(temp.path(), "demo-go", "tinygo", &files);
+    let read = |file: &str| std::fs::read_to_string(project.join(file)).unwrap();
+
+    // go.mod: the module, the Go version the SDK needs, and the SDK pinned to a pseudo-version
+    // (it has no tags): v0.0.0-YYYYMMDDHHMMSS-<12 hex digits of the commit>.
+    let go_mod = read("go.mod");
+    let directives: Vec<&str> = go_mod
+        .lines()
+        .map(str::trim)
+        .filter(|l| !l.is_empty() && !l.starts_with("//"))
+        .collect();
+    assert_eq!(directives[0], "module demo-go", "{go_mod}");
+    assert_eq!(directives[1], "go 1.24", "{go_mod}");
+    let version = directives[2]
+        .strip_prefix("require github.com/proxy-wasm/proxy-wasm-go-sdk ")
+        .unwrap_or_else(|| panic!("no SDK requirement in {go_mod}"));
+    let parts: Vec<&str> = version.split('-').collect();
+    assert_eq!(parts.len(), 3, "{version}");
+    assert_eq!(parts[0], "v0.0.0");
+    assert!(
+        parts[1].len() == 14 && parts[1].bytes().all(|b| b.is_ascii_digit()),
+        "{version}"
+    );
+    assert!(
+        parts[2].len() == 12 && parts[2].bytes().all(|b| b.is_ascii_hexdigit()),
+        "{version}"
+    );
+    assert_eq!(directives.len(), 3, "{go_mod}");
+
+    // main.go: package main, and every import is the standard library or the SDK go.mod requires.
+    let source = read("main.go");
+    assert!(source.contains("\npackage main\n"), "{source}");
+    let imports = source
+        .split_once("import (\n")
+        .and_then(|(_, rest)| rest.split_once("\n)"))
+        .expect("an import block")
+        .0;
+    for line in imports.lines().map(str::trim).filter(|l| !l.is_empty()) {
+        let path = line.trim_matches('"');
+        let first = path.split('/').next().unwrap();
+        assert!(
+            !first.contains('.') || path.starts_with("github.com/proxy-wasm/proxy-wasm-go-sdk/"),
+            "main.go imports {path}, which go.mod does not require"
+        );
+    }
+    for expected in [
+        "proxywasm.SetVMContext(&vmContext{})",
+        "return config{header: \"x-demo-go\", value: \"hello\"}",
+        "OnPluginStart(pluginConfigurationSize int) types.OnPluginStartStatus",
+        "proxywasm.LogInfof(\"demo-go: adding %s: %s\", cfg.header, cfg.value)",
+        "proxywasm.LogErrorf(\"demo-go: invalid configuration: %v\", err)",
+        "OnHttpResponseHeaders(numHeaders int, endOfStream bool) types.Action",
+        "proxywasm.AddHttpResponseHeader(h.config.header, h.config.value)",
+    ] {
+        assert!(source.contains(expected), "main.go lacks {expected:?}");
+    }
+    // Go source is indented with tabs (gofmt).
+    assert!(
+        source.lines().all(|l| !l.starts_with(' ')),
+        "main.go has a line indented with spaces"
+    );
+    let readme = read("README.md");
+    assert!(
+        readme.contains("wasmgate plugin test main.wasm tests/cases.yaml"),
+        "{readme}"
+    );
+    assert!(readme.contains("not built in Wasmgate's CI"), "{readme}");
+    assert_eq!(read(".gitignore").lines().next(), Some("/main.wasm"));
+
+    // `--lang go` is the same template.
+    ok(&run(
+        &["plugin", "new", "demo-go2", "--lang", "go"],
+        temp.path(),
+    ));
+    assert_eq!(
+        std::fs::read_to_string(temp.path().join("demo-go2/go.mod"))
+            .unwrap()
+            .replace("demo-go2", "demo-go"),
+        go_mod
+    );
+
+    // Without Go: a clear error naming the tool, where to get it, and what would have run.
+    let empty = tempfile::tempdir().unwrap();
+    let stderr = clean_failure(&run_with_path(
+        &["plugin", "build", "demo-go"],
+        temp.path(),
+        empty.path().as_os_str(),
+    ));
+    for expected in [
+        "go (the Go toolchain, 1.24 or later",
+        "not TinyGo",
+        "https://go.dev/dl/",
+        "the build would have run, in that folder:\n  go mod tidy\n  \
+         GOOS=wasip1 GOARCH=wasm go build -buildmode=c-shared -o main.wasm .",
+    ] {
+        assert!(stderr.contains(expected), "no {expected:?} in:\n{stderr}");
+    }
+
+    // With a stand-in go: `go mod tidy` first (no go.sum yet), then the wasip1 build; the module
+    // is reported and packed as for the other languages.
+    let bin = tempfile::tempdir().unwrap();
+    write_script(
+        bin.path(),
+        "go",
+        &format!(
+            r#"echo "$* GOOS=$GOOS GOARCH=$GOARCH" >> go-calls.txt
+case "$1" in
+  mod) : > go.sum; exit 0 ;;
+  build) [ "$GOOS" = wasip1 ] && [ "$GOARCH" = wasm ] || {{ echo "fake go: not wasip1/wasm" >&2; exit 1; }} ;;
+  *) echo "fake go: unexpected $*" >&2; exit 3 ;;
+esac
+{FAKE_COMPILE}"#
+        ),
+    );
+    let oci = temp.path().join("oci");
+    let stdout = ok(&run_with_path(
+        &["plugin", "build", "demo-go", "--oci", oci.to_str().unwrap()],
+        temp.path(),
+        bin.path().as_os_str(),
+    ));
+    let (module, bytes) = check_built(&stdout);
+    assert_eq!(module, project.join("main.wasm").canonicalize().unwrap());
+    check_oci_layout(&oci, &bytes);
+    let calls = read("go-calls.txt");
+    let calls: Vec<&str> = calls.lines().collect();
+    assert!(calls[0].starts_with("mod tidy "), "{calls:?}");
+    assert_eq!(
+        calls[1], "build -buildmode=c-shared -o main.wasm . GOOS=wasip1 GOARCH=wasm",
+        "{calls:?}"
+    );
+    // With go.sum present, no tidy.
+    ok(&run_with_path(
+        &["plugin", "build", "demo-go"],
+        temp.path(),
+        bin.path().as_os_str(),
+    ));
+    let calls = read("go-calls.txt");
+    assert_eq!(calls.lines().count(), 3, "{calls}");
+    assert!(
+        calls.lines().last().unwrap().starts_with("build "),
+        "{calls}"
+    );
+
+    check_gateway_validates(&project, "main.wasm");
 }
