@@ -5,17 +5,16 @@
 //! `proxy_continue_stream` (after an `http_call` answers, say); Pause from a body callback buffers,
 //! and the next call sees the accumulated body. A local reply ends the chain.
 
-use std::cell::{Cell, RefCell};
+use std::cell::RefCell;
 use std::rc::Rc;
 use std::sync::Arc;
 use std::time::Duration;
 
-use tokio::sync::Notify;
 use wasmgate_abi::{Action, HeaderMap, LocalResponse, StreamInfo, StreamType};
-use wasmgate_runtime::{CallOutcome, Runtime, Vm, VmError};
+use wasmgate_runtime::{Runtime, Vm, VmError};
 
-use crate::health::VmHealth;
-use crate::host::{ClusterNames, GatewayHost, SharedEffects};
+use crate::host::ClusterNames;
+use crate::plugin_vm::{PluginVm, WorkerPlugin, spawn_unary_calls};
 use crate::spec::{FailurePolicy, FilterSpec};
 use crate::stats::GatewayStats;
 use crate::upstream::UpstreamsCell;
@@ -23,22 +22,39 @@ use crate::upstream::UpstreamsCell;
 /// How long a paused stream waits for its plugin to continue before the gateway gives up.
 const PAUSE_DEADLINE: Duration = Duration::from_secs(60);
 
-/// One plugin on one worker: its own VM, as Envoy runs one VM per worker.
+/// One HTTP filter plugin on one worker (see [`PluginVm`]), with its open gRPC streams.
 pub(crate) struct Plugin {
-    pub spec: FilterSpec,
-    vm: RefCell<Vm>,
-    root: Cell<u32>,
-    effects: SharedEffects,
-    notify: Notify,
-    upstreams: Rc<UpstreamsCell>,
-    runtime: Arc<Runtime>,
-    clusters: Arc<ClusterNames>,
-    stats: Arc<GatewayStats>,
-    health: VmHealth,
+    core: PluginVm,
     touches_request_body: bool,
     touches_response_body: bool,
     /// Open gRPC streams: where the plugin's messages go, and the task to cancel.
     grpc_streams: RefCell<std::collections::HashMap<u32, GrpcStream>>,
+}
+
+impl std::ops::Deref for Plugin {
+    type Target = PluginVm;
+
+    fn deref(&self) -> &PluginVm {
+        &self.core
+    }
+}
+
+impl WorkerPlugin for Plugin {
+    fn core(&self) -> &PluginVm {
+        &self.core
+    }
+
+    fn dispatch_calls(self: &Rc<Self>) {
+        self.dispatch_grpc_streams();
+        let (grpc_calls, http_calls) = {
+            let mut effects = self.effects.lock();
+            (
+                std::mem::take(&mut effects.grpc_calls),
+                std::mem::take(&mut effects.http_calls),
+            )
+        };
+        spawn_unary_calls(self, grpc_calls, http_calls);
+    }
 }
 
 struct GrpcStream {
@@ -56,142 +72,16 @@ impl Plugin {
         upstreams: Rc<UpstreamsCell>,
         stats: Arc<GatewayStats>,
     ) -> Result<Rc<Self>, VmError> {
-        let (vm, root, effects) = Self::new_vm(&spec, &runtime, &clusters)?;
-        stats.vm_started(&spec.name, 1);
         let callbacks = &spec.module.info().callbacks;
-        let health = VmHealth::new(&spec, stats.clone());
+        let touches_request_body = callbacks.iter().any(|c| c == "proxy_on_request_body");
+        let touches_response_body = callbacks.iter().any(|c| c == "proxy_on_response_body");
+        let core = PluginVm::start(spec, runtime, clusters, upstreams, stats, "plugin")?;
         Ok(Rc::new(Self {
-            touches_request_body: callbacks.iter().any(|c| c == "proxy_on_request_body"),
-            touches_response_body: callbacks.iter().any(|c| c == "proxy_on_response_body"),
-            spec,
-            vm: RefCell::new(vm),
-            root: Cell::new(root),
-            effects,
-            notify: Notify::new(),
-            upstreams,
-            runtime,
-            clusters,
-            health,
-            stats,
+            core,
+            touches_request_body,
+            touches_response_body,
             grpc_streams: RefCell::new(std::collections::HashMap::new()),
         }))
-    }
-
-    fn new_vm(
-        spec: &FilterSpec,
-        runtime: &Arc<Runtime>,
-        clusters: &Arc<ClusterNames>,
-    ) -> Result<(Vm, u32, SharedEffects), VmError> {
-        let effects = SharedEffects::default();
-        let (vm, root) = Self::build_vm(spec, runtime, clusters, &effects, 0)?;
-        Ok((vm, root, effects))
-    }
-
-    /// A VM whose host queues its effects in `effects`, handing out context ids after
-    /// `last_context_id`.
-    fn build_vm(
-        spec: &FilterSpec,
-        runtime: &Arc<Runtime>,
-        clusters: &Arc<ClusterNames>,
-        effects: &SharedEffects,
-        last_context_id: u32,
-    ) -> Result<(Vm, u32), VmError> {
-        let host = GatewayHost {
-            effects: effects.clone(),
-            clusters: clusters.clone(),
-            plugin: spec.name.clone(),
-        };
-        let mut vm = Vm::new(runtime, &spec.module, spec.vm.clone(), Box::new(host))?;
-        vm.continue_context_ids_after(last_context_id);
-        let root = vm.start_plugin(spec.plugin.clone())?;
-        Ok((vm, root))
-    }
-
-    pub fn failure(&self) -> Option<String> {
-        let failure = self.vm.borrow().failure().map(str::to_owned);
-        if let Some(reason) = &failure {
-            self.health.failed(reason);
-        }
-        failure
-    }
-
-    /// FAIL_RELOAD: a fresh VM unless the backoff since the last rebuild still runs.
-    fn try_reload(&self) -> bool {
-        if !self.health.may_rebuild() {
-            return false;
-        }
-        let ok = self.reload();
-        self.health.rebuilt(ok);
-        ok
-    }
-
-    /// FAIL_RELOAD: a fresh VM for this plugin. Streams still on the old VM have lost their contexts.
-    fn reload(&self) -> bool {
-        // The new VM's host queues into the effects the chain reads, and its context ids follow
-        // the old VM's, so streams still holding old ids never reach a new stream's context.
-        let last_context_id = self.vm.borrow().last_context_id();
-        match Self::build_vm(
-            &self.spec,
-            &self.runtime,
-            &self.clusters,
-            &self.effects,
-            last_context_id,
-        ) {
-            Ok((vm, root)) => {
-                *self.vm.borrow_mut() = vm;
-                self.root.set(root);
-                tracing::warn!(plugin = %self.spec.name, "reloaded the plugin's VM after a failure");
-                true
-            }
-            Err(error) => {
-                tracing::error!(plugin = %self.spec.name, "reloading the plugin's VM failed: {error}");
-                false
-            }
-        }
-    }
-
-    /// Starts the outbound calls the plugin queued during its last callback.
-    fn dispatch_calls(self: &Rc<Self>) {
-        self.dispatch_grpc_streams();
-        let grpc_calls = std::mem::take(&mut self.effects.lock().grpc_calls);
-        for (token, call) in grpc_calls {
-            let plugin = self.clone();
-            tokio::task::spawn_local(async move {
-                let outcome = plugin.upstreams.current().grpc_call(&call).await;
-                let result = {
-                    let mut vm = plugin.vm.borrow_mut();
-                    match outcome {
-                        Ok(message) => {
-                            let delivered = vm.on_grpc_receive(token, message);
-                            vm.end_grpc_call(token);
-                            delivered
-                        }
-                        Err((status, message)) => vm.on_grpc_close(token, status, &message),
-                    }
-                };
-                if let Err(error) = result {
-                    tracing::warn!(plugin = %plugin.spec.name, "delivering a gRPC response: {error}");
-                }
-                plugin.dispatch_calls();
-                plugin.notify.notify_waiters();
-            });
-        }
-        let calls = std::mem::take(&mut self.effects.lock().http_calls);
-        for (token, call) in calls {
-            let plugin = self.clone();
-            tokio::task::spawn_local(async move {
-                let outcome = plugin.upstreams.current().http_call(&call).await;
-                if let CallOutcome::Failure { message } = &outcome {
-                    tracing::debug!(plugin = %plugin.spec.name, cluster = %call.upstream, "http_call failed: {message}");
-                }
-                let result = plugin.vm.borrow_mut().on_http_call_response(token, outcome);
-                if let Err(error) = result {
-                    tracing::warn!(plugin = %plugin.spec.name, "delivering an http_call response: {error}");
-                }
-                plugin.dispatch_calls();
-                plugin.notify.notify_waiters();
-            });
-        }
     }
 }
 
@@ -342,44 +232,6 @@ impl Plugin {
                 },
             }
         }
-    }
-
-    pub fn tick_period(&self) -> Option<Duration> {
-        self.vm.borrow().tick_period(self.root.get())
-    }
-
-    pub fn set_queue_waker(&self, waker: Arc<dyn Fn() + Send + Sync>) {
-        self.vm.borrow().set_queue_waker(waker);
-    }
-
-    pub fn tick(self: &Rc<Self>) {
-        if self.failure().is_some() {
-            return;
-        }
-        let result = self.vm.borrow_mut().on_tick(self.root.get());
-        if let Err(error) = result {
-            tracing::warn!(plugin = %self.spec.name, "on_tick: {error}");
-        }
-        self.dispatch_calls();
-        self.notify.notify_waiters();
-    }
-
-    pub fn deliver_queue_ready(self: &Rc<Self>) {
-        if self.failure().is_some() {
-            return;
-        }
-        let result = self.vm.borrow_mut().deliver_queue_ready();
-        if let Err(error) = result {
-            tracing::warn!(plugin = %self.spec.name, "on_queue_ready: {error}");
-        }
-        self.dispatch_calls();
-        self.notify.notify_waiters();
-    }
-}
-
-impl Drop for Plugin {
-    fn drop(&mut self) {
-        self.stats.vm_started(&self.spec.name, -1);
     }
 }
 

@@ -10,6 +10,7 @@ mod convert;
 mod health;
 mod host;
 mod idle;
+mod plugin_vm;
 mod proxy;
 mod server;
 mod spec;

@@ -26,6 +26,7 @@ use wasmgate_runtime::{Runtime, VmError};
 use crate::chain::Plugin;
 use crate::host::ClusterNames;
 use crate::idle::{Activity, IdleIo};
+use crate::plugin_vm::{self, WorkerPlugin};
 use crate::proxy::{ActiveChain, ConnInfo, ListenerState, handle};
 use crate::spec::{ClusterSpec, FilterSpec, GatewaySpec, ListenerSpec, RouteSpec, TcpProxySpec};
 use crate::stats::GatewayStats;
@@ -886,7 +887,7 @@ impl WorkerContext {
             .collect()
     }
 
-    fn spawn_timers<P: Timed>(&self, plugin: &Rc<P>) {
+    fn spawn_timers<P: WorkerPlugin>(&self, plugin: &Rc<P>) {
         tokio::task::spawn_local(plugin_timers(Rc::downgrade(plugin), self.shutdown.clone()));
     }
 }
@@ -1052,55 +1053,19 @@ async fn apply_commands(
     }
 }
 
-/// A plugin with timers and queues, HTTP or network.
-trait Timed: 'static {
-    fn tick_period(&self) -> Option<Duration>;
-    fn set_queue_waker(&self, waker: Arc<dyn Fn() + Send + Sync>);
-    fn tick(self: &Rc<Self>);
-    fn deliver_queue_ready(self: &Rc<Self>);
-}
-
-impl Timed for Plugin {
-    fn tick_period(&self) -> Option<Duration> {
-        Plugin::tick_period(self)
-    }
-    fn set_queue_waker(&self, waker: Arc<dyn Fn() + Send + Sync>) {
-        Plugin::set_queue_waker(self, waker)
-    }
-    fn tick(self: &Rc<Self>) {
-        Plugin::tick(self)
-    }
-    fn deliver_queue_ready(self: &Rc<Self>) {
-        Plugin::deliver_queue_ready(self)
-    }
-}
-
-impl Timed for NetworkPlugin {
-    fn tick_period(&self) -> Option<Duration> {
-        NetworkPlugin::tick_period(self)
-    }
-    fn set_queue_waker(&self, waker: Arc<dyn Fn() + Send + Sync>) {
-        NetworkPlugin::set_queue_waker(self, waker)
-    }
-    fn tick(self: &Rc<Self>) {
-        NetworkPlugin::tick(self)
-    }
-    fn deliver_queue_ready(self: &Rc<Self>) {
-        NetworkPlugin::deliver_queue_ready(self)
-    }
-}
-
 /// Ticks and queue deliveries for one plugin on this worker, for as long as the plugin is in use
 /// (a chain update that drops it ends this once its last stream is done).
-async fn plugin_timers<P: Timed>(plugin: Weak<P>, mut shutdown: watch::Receiver<bool>) {
+async fn plugin_timers<P: WorkerPlugin>(plugin: Weak<P>, mut shutdown: watch::Receiver<bool>) {
     let queue_ready = Arc::new(Notify::new());
     let waker = queue_ready.clone();
     match plugin.upgrade() {
-        Some(plugin) => plugin.set_queue_waker(Arc::new(move || waker.notify_one())),
+        Some(plugin) => plugin
+            .core()
+            .set_queue_waker(Arc::new(move || waker.notify_one())),
         None => return,
     }
     loop {
-        let Some(period) = plugin.upgrade().map(|p| p.tick_period()) else {
+        let Some(period) = plugin.upgrade().map(|p| p.core().tick_period()) else {
             return;
         };
         let wait = period.unwrap_or(Duration::from_millis(250));
@@ -1108,12 +1073,12 @@ async fn plugin_timers<P: Timed>(plugin: Weak<P>, mut shutdown: watch::Receiver<
             _ = tokio::time::sleep(wait) => {
                 let Some(plugin) = plugin.upgrade() else { return };
                 if period.is_some() {
-                    plugin.tick();
+                    plugin_vm::tick(&plugin);
                 }
             }
             _ = queue_ready.notified() => {
                 let Some(plugin) = plugin.upgrade() else { return };
-                plugin.deliver_queue_ready();
+                plugin_vm::deliver_queue_ready(&plugin);
             }
             _ = shutdown.changed() => return,
         }
