@@ -54,18 +54,31 @@ pub fn encode<K: AsRef<[u8]>, V: AsRef<[u8]>>(pairs: &[(K, V)]) -> Vec<u8> {
 
 /// Encodes `pairs` at the end of `out`.
 pub fn encode_into<K: AsRef<[u8]>, V: AsRef<[u8]>>(pairs: &[(K, V)], out: &mut Vec<u8>) {
-    if pairs.is_empty() {
+    encode_fields(
+        pairs.len(),
+        pairs.iter().map(|(k, v)| (k.as_ref(), v.as_ref())),
+        out,
+    );
+}
+
+/// Encodes `count` fields at the end of `out` (the iterator is walked twice: sizes, then bytes).
+pub fn encode_fields<'a>(
+    count: usize,
+    fields: impl Iterator<Item = (&'a [u8], &'a [u8])> + Clone,
+    out: &mut Vec<u8>,
+) {
+    if count == 0 {
         return;
     }
-    out.extend_from_slice(&(pairs.len() as u32).to_le_bytes());
-    for (k, v) in pairs {
-        out.extend_from_slice(&(k.as_ref().len() as u32).to_le_bytes());
-        out.extend_from_slice(&(v.as_ref().len() as u32).to_le_bytes());
+    out.extend_from_slice(&(count as u32).to_le_bytes());
+    for (k, v) in fields.clone() {
+        out.extend_from_slice(&(k.len() as u32).to_le_bytes());
+        out.extend_from_slice(&(v.len() as u32).to_le_bytes());
     }
-    for (k, v) in pairs {
-        out.extend_from_slice(k.as_ref());
+    for (k, v) in fields {
+        out.extend_from_slice(k);
         out.push(0);
-        out.extend_from_slice(v.as_ref());
+        out.extend_from_slice(v);
         out.push(0);
     }
 }
