@@ -149,8 +149,7 @@ impl HeaderMap {
         let mut index = 0;
         let bytes = &self.bytes;
         self.fields.retain(|f| {
-            let keep = index <= first
-                || !bytes[f.key..f.key + f.key_len].eq_ignore_ascii_case(key);
+            let keep = index <= first || !bytes[f.key..f.key + f.key_len].eq_ignore_ascii_case(key);
             index += 1;
             keep
         });
