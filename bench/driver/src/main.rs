@@ -155,6 +155,8 @@ fn main() {
                 timeout: None,
             }],
             filters,
+            network_filters: Vec::new(),
+            tcp_proxy: None,
             missing_plugins: Vec::new(),
             limits: Limits::default(),
             tls: None,

@@ -73,14 +73,19 @@ pub(crate) fn plain_map(headers: &http::HeaderMap) -> HeaderMap {
 }
 
 fn is_hop_by_hop(name: &str) -> bool {
-    HOP_BY_HOP.contains(&name)
+    is_hop_by_hop_bytes(name.as_bytes())
+}
+
+/// Map keys are lower-case already (see [`HeaderMap::add`]).
+fn is_hop_by_hop_bytes(name: &[u8]) -> bool {
+    HOP_BY_HOP.iter().any(|hop| hop.as_bytes() == name)
 }
 
 /// Copies the regular fields of `map` into `headers`, dropping pseudo-headers and fields a plugin
 /// made invalid (logged: a bad header must not break the stream).
 pub(crate) fn fill_headers(map: &HeaderMap, headers: &mut http::HeaderMap) {
     for (name, value) in map.iter() {
-        if name.starts_with(b":") || is_hop_by_hop(&String::from_utf8_lossy(name)) {
+        if name.starts_with(b":") || is_hop_by_hop_bytes(name) {
             continue;
         }
         match (HeaderName::from_bytes(name), HeaderValue::from_bytes(value)) {

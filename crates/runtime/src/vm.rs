@@ -910,25 +910,27 @@ impl Vm {
         let Some(callback) = self.callbacks.get_mut(name) else {
             return Ok(None);
         };
-        // The signature check runs once per callback and VM; later calls reuse the typed handle.
-        let cached = callback
+        // The signature check runs once per callback and VM; later calls borrow the typed handle
+        // (a clone would clone its registered type too, on every call).
+        let checked = callback
             .typed
             .as_ref()
-            .and_then(|typed| typed.downcast_ref::<TypedFunc<P, R>>())
-            .cloned();
-        let typed = match cached {
-            Some(typed) => typed,
-            None => {
-                let func = callback.func;
-                let typed = func
-                    .typed::<P, R>(&self.store)
-                    .map_err(|e| self.trap(name, context, e))?;
-                if let Some(callback) = self.callbacks.get_mut(name) {
-                    callback.typed = Some(Box::new(typed.clone()));
-                }
-                typed
+            .is_some_and(|typed| typed.is::<TypedFunc<P, R>>());
+        if !checked {
+            let func = callback.func;
+            let typed = func
+                .typed::<P, R>(&self.store)
+                .map_err(|e| self.trap(name, context, e))?;
+            if let Some(callback) = self.callbacks.get_mut(name) {
+                callback.typed = Some(Box::new(typed));
             }
-        };
+        }
+        let typed = self
+            .callbacks
+            .get(name)
+            .and_then(|callback| callback.typed.as_ref())
+            .and_then(|typed| typed.downcast_ref::<TypedFunc<P, R>>())
+            .expect("checked above");
         let _span = self.callback_span(name, context).entered();
         let traced = self.store.data().log_level.get() == LogLevel::Trace;
         if traced {
