@@ -35,8 +35,9 @@ pub struct AdminState {
     pub set_log_filter: Option<LogFilterSetter>,
     /// More Prometheus text appended to `/stats/prometheus` (the module fetcher's metrics, say).
     pub extra_metrics: Option<Arc<dyn Fn() -> String + Send + Sync>>,
-    /// Which plugin-defined metrics to show (the config's `stats_matcher`); all when `None`.
-    pub metric_filter: Option<MetricFilter>,
+    /// Which plugin-defined metrics to show (the config's `stats_matcher`); all when `None`. A
+    /// reload replaces it.
+    pub metric_filter: Arc<RwLock<Option<MetricFilter>>>,
 }
 
 pub struct AdminHandle {
@@ -114,7 +115,8 @@ fn serve(state: &AdminState, request: Request<Incoming>) -> Response<Full<Bytes>
         (&Method::GET, "/ready") => text(StatusCode::OK, "text/plain", "LIVE\n"),
         (&Method::GET, "/stats/prometheus") => text(StatusCode::OK, "text/plain; version=0.0.4", {
             let metrics = &state.runtime.shared().metrics;
-            let mut text = match &state.metric_filter {
+            let filter = state.metric_filter.read().clone();
+            let mut text = match &filter {
                 Some(filter) => state.stats.prometheus_filtered(metrics, filter.as_ref()),
                 None => state.stats.prometheus(metrics),
             };

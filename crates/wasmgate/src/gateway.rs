@@ -402,7 +402,7 @@ pub struct Prepared {
     pub admin: SocketAddr,
     pub config_dump: serde_json::Value,
     pub slots: Vec<Slot>,
-    /// The compiled `stats_matcher` (read at start-up; a change needs a restart).
+    /// The compiled `stats_matcher` (a reload replaces the admin's).
     pub metric_filter: Option<wasmgate_config::MetricFilter>,
 }
 
@@ -752,6 +752,9 @@ pub fn serve(
     let fetch_metrics = control.fetcher.metrics().clone();
     let reloads = Arc::new(ReloadStats::default());
     let reload_metrics = reloads.clone();
+    let metric_filter = Arc::new(RwLock::new(admin_metric_filter(
+        prepared.metric_filter.clone(),
+    )));
     let admin = wasmgate_dataplane::start_admin(
         prepared.admin,
         AdminState {
@@ -763,9 +766,7 @@ pub fn serve(
             extra_metrics: Some(Arc::new(move || {
                 fetch_metrics.prometheus() + &reload_metrics.prometheus()
             })),
-            metric_filter: prepared.metric_filter.clone().map(|filter| {
-                Arc::new(move |name: &str| filter.allows(name)) as wasmgate_dataplane::MetricFilter
-            }),
+            metric_filter: metric_filter.clone(),
         },
     )
     .with_context(|| format!("admin: cannot listen on {}", prepared.admin))?;
@@ -829,6 +830,7 @@ pub fn serve(
             slots: prepared.slots,
             config,
             config_path,
+            metric_filter,
         };
         std::thread::Builder::new()
             .name("wasmgate-control".into())
@@ -962,6 +964,17 @@ struct ControlState {
     slots: Vec<Slot>,
     config: GatewayConfig,
     config_path: Option<PathBuf>,
+    /// The admin's `stats_matcher` filter, replaced by a reload.
+    metric_filter: Arc<RwLock<Option<wasmgate_dataplane::MetricFilter>>>,
+}
+
+/// The admin server's form of a compiled `stats_matcher`.
+fn admin_metric_filter(
+    filter: Option<wasmgate_config::MetricFilter>,
+) -> Option<wasmgate_dataplane::MetricFilter> {
+    filter.map(|filter| {
+        Arc::new(move |name: &str| filter.allows(name)) as wasmgate_dataplane::MetricFilter
+    })
 }
 
 /// The control thread's loop: reloads the configuration when asked, retries failed plugins with
@@ -1199,6 +1212,7 @@ fn reload(
         let _ = std::io::stdout().flush();
     }
     state.slots = prepared.slots;
+    *state.metric_filter.write() = admin_metric_filter(prepared.metric_filter);
     state.config = config;
     Ok(prepared.config_dump)
 }
@@ -1343,11 +1357,10 @@ fn needs_restart(old: &GatewayConfig, new: &GatewayConfig) -> Option<&'static st
         || old.pull_secrets_dir != new.pull_secrets_dir
         || old.kubernetes != new.kubernetes
         || old.plugin_limits != new.plugin_limits
-        || old.stats_matcher != new.stats_matcher
     {
         Some(
-            "module_fetch, module_cache, insecure_registries, pull_secrets_dir, kubernetes, \
-             plugin_limits or stats_matcher",
+            "module_fetch, module_cache, insecure_registries, pull_secrets_dir, kubernetes or \
+             plugin_limits",
         )
     } else {
         None

@@ -369,4 +369,22 @@ clusters:
     let rest = plugin_metric_names(&but_first);
     assert_eq!(rest.len(), names.len() - 1);
     assert!(!rest.contains(&first));
+
+    // A reload that changes the matcher applies it at once.
+    let config = write_config(&dir, &config_for(""));
+    let gateway = start(&["run", "--config", config.to_str().unwrap()]);
+    assert_eq!(get(gateway.listener("main"), "/", "").0, 200);
+    let inclusion =
+        format!("stats_matcher: {{ inclusion_list: {{ patterns: [ {{ exact: {first} }} ] }} }}");
+    let text = config_for(&inclusion);
+    let temporary = config.with_extension("partial");
+    std::fs::write(&temporary, text).unwrap();
+    std::fs::rename(&temporary, &config).unwrap();
+    assert!(
+        eventually(Duration::from_secs(20), || {
+            plugin_metric_names(&get(gateway.admin, "/stats/prometheus", "").1)
+                == vec![first.clone()]
+        }),
+        "the reloaded stats_matcher shows only {first}"
+    );
 }
