@@ -11,7 +11,7 @@ use crate::state::VmState;
 
 /// Callbacks the host calls, with their parameter count and whether they return a value.
 /// Every parameter and result is an i32.
-pub(crate) const CALLBACKS: &[(&str, usize, bool)] = &[
+pub const CALLBACKS: &[(&str, usize, bool)] = &[
     ("proxy_on_memory_allocate", 1, true),
     ("malloc", 1, true),
     ("proxy_on_context_create", 2, false),

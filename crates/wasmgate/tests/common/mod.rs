@@ -107,19 +107,9 @@ fn start_with(command: &mut Command, capture: bool) -> Running {
     }
     let stdout = child.stdout.take().unwrap();
     let mut lines = BufReader::new(stdout).lines();
-    let mut listeners = Vec::new();
-    let admin = loop {
-        let line = lines
-            .next()
-            .expect("wasmgate printed its addresses")
-            .unwrap();
-        if let Some(rest) = line.strip_prefix("listener ") {
-            let (name, address) = rest.split_once(" on ").unwrap();
-            listeners.push((name.to_owned(), address.parse().unwrap()));
-        } else if let Some(address) = line.strip_prefix("admin on ") {
-            break address.parse().unwrap();
-        }
-    };
+    let (listeners, admin) = read_addresses(&mut lines, || {
+        "wasmgate exited before printing its addresses".into()
+    });
     std::thread::spawn(move || for _ in lines {});
     Running {
         child,
@@ -330,23 +320,14 @@ pub fn start_logging_to(command: &mut Command, log: &std::path::Path) -> Running
     let mut child = command.stdout(Stdio::piped()).stderr(file).spawn().unwrap();
     let stdout = child.stdout.take().unwrap();
     let mut lines = BufReader::new(stdout).lines();
-    let mut listeners = Vec::new();
-    let admin = loop {
-        let Some(Ok(line)) = lines.next() else {
-            let _ = child.kill();
-            let _ = child.wait();
-            panic!(
-                "wasmgate exited before printing its addresses; its log:\n{}",
-                std::fs::read_to_string(log).unwrap_or_default()
-            );
-        };
-        if let Some(rest) = line.strip_prefix("listener ") {
-            let (name, address) = rest.split_once(" on ").unwrap();
-            listeners.push((name.to_owned(), address.parse().unwrap()));
-        } else if let Some(address) = line.strip_prefix("admin on ") {
-            break address.parse().unwrap();
-        }
-    };
+    let (listeners, admin) = read_addresses(&mut lines, || {
+        let _ = child.kill();
+        let _ = child.wait();
+        format!(
+            "wasmgate exited before printing its addresses; its log:\n{}",
+            std::fs::read_to_string(log).unwrap_or_default()
+        )
+    });
     std::thread::spawn(move || for _ in lines {});
     Running {
         child,
@@ -382,4 +363,24 @@ pub fn run_expecting_failure(yaml: &str) -> String {
         "the file is named: {stderr}"
     );
     stderr
+}
+
+/// The `listener NAME on ADDRESS` lines and the `admin on ADDRESS` line `run` prints once ready;
+/// if the output ends first, panics with what `exited` says.
+fn read_addresses(
+    lines: &mut impl Iterator<Item = std::io::Result<String>>,
+    exited: impl FnOnce() -> String,
+) -> (Vec<(String, SocketAddr)>, SocketAddr) {
+    let mut listeners = Vec::new();
+    loop {
+        let Some(Ok(line)) = lines.next() else {
+            panic!("{}", exited());
+        };
+        if let Some(rest) = line.strip_prefix("listener ") {
+            let (name, address) = rest.split_once(" on ").unwrap();
+            listeners.push((name.to_owned(), address.parse().unwrap()));
+        } else if let Some(address) = line.strip_prefix("admin on ") {
+            return (listeners, address.parse().unwrap());
+        }
+    }
 }
