@@ -210,11 +210,30 @@ impl Cache {
     /// Removes modules unused for longer than `unused_for` (all of them with `Duration::ZERO`), with
     /// their compiled artefacts and the URLs that pointed to them. Returns what was removed.
     pub fn prune(&self, unused_for: Duration) -> Result<Vec<CacheEntry>, FetchError> {
-        let cutoff = now().saturating_sub(unused_for.as_secs());
+        self.prune_keeping(unused_for, &[])
+    }
+
+    /// As [`Self::prune`], but the modules in `in_use` (sha256s: what a running gateway serves) are
+    /// kept whatever their age, and marked used now. A module serves from memory for as long as
+    /// the configuration keeps it, without reading the cache again; its `last_used` alone would
+    /// let it expire, and the next start would need the network.
+    pub fn prune_keeping(
+        &self,
+        unused_for: Duration,
+        in_use: &[String],
+    ) -> Result<Vec<CacheEntry>, FetchError> {
+        let time = now();
+        let cutoff = time.saturating_sub(unused_for.as_secs());
         let removed = self.update(|index| {
+            for sha256 in in_use {
+                if let Some(entry) = index.modules.get_mut(&sha256.to_ascii_lowercase()) {
+                    entry.last_used = time;
+                }
+            }
             let expired: Vec<String> = index
                 .modules
                 .values()
+                .filter(|e| !in_use.iter().any(|u| u.eq_ignore_ascii_case(&e.sha256)))
                 .filter(|e| unused_for.is_zero() || e.last_used < cutoff)
                 .map(|e| e.sha256.clone())
                 .collect();
@@ -309,6 +328,39 @@ mod tests {
         assert!(cache.url("oci://r/a@sha256:1").is_none());
         assert!(cache.get(&b).is_none());
         assert!(cache.is_empty());
+    }
+
+    #[test]
+    fn modules_in_use_survive_a_prune_and_count_as_used() {
+        let dir = tempfile::tempdir().unwrap();
+        let cache = Cache::open(dir.path()).unwrap();
+        let (a, _) = cache.insert(A, &["http://x/a.wasm"], None).unwrap();
+        let (b, _) = cache.insert(B, &["http://x/b.wasm"], None).unwrap();
+        // Both last used long ago, as a module that serves from memory for days would be.
+        cache
+            .update(|index| {
+                for entry in index.modules.values_mut() {
+                    entry.last_used = 1;
+                }
+            })
+            .unwrap();
+        let removed = cache
+            .prune_keeping(Duration::from_secs(3600), std::slice::from_ref(&a))
+            .unwrap();
+        assert_eq!(removed.iter().map(|e| &e.sha256).collect::<Vec<_>>(), [&b]);
+        assert_eq!(cache.url("http://x/a.wasm").unwrap().sha256, a);
+        let kept = &cache.entries()[0];
+        assert!(kept.last_used > 1, "the prune marked the module used");
+        // So a prune that no longer knows it is in use (the CLI's) keeps it too, until it expires.
+        assert!(cache.prune(Duration::from_secs(3600)).unwrap().is_empty());
+        // Even an expiry of zero keeps what serves.
+        assert_eq!(
+            cache
+                .prune_keeping(Duration::ZERO, std::slice::from_ref(&a))
+                .unwrap()
+                .len(),
+            0
+        );
     }
 
     #[test]
