@@ -257,6 +257,20 @@ mod tests {
             PullPolicy::effective(None, &http, None),
             PullPolicy::IfNotPresent
         );
+        // A digest pins the image, whatever the tag says.
+        let digest = format!("sha256:{}", "a".repeat(64));
+        for pinned in [
+            format!("oci://r/p@{digest}"),
+            format!("oci://r/p:latest@{digest}"),
+            format!("r/p@{digest}"),
+        ] {
+            let url = ModuleUrl::parse(&pinned).unwrap();
+            assert_eq!(
+                PullPolicy::effective(None, &url, None),
+                PullPolicy::IfNotPresent,
+                "{pinned}"
+            );
+        }
         assert_eq!(
             PullPolicy::effective(Some(PullPolicy::Always), &v1, None),
             PullPolicy::Always

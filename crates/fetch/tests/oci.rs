@@ -301,6 +301,35 @@ async fn unknown_tag_is_a_manifest_failure() {
             &["404", "not found"],
         );
     }
+    // Through the fetcher, as the gateway asks: the same error, counted as Istio's agent counts it.
+    let dir = tempfile::tempdir().unwrap();
+    let fetcher = fetcher(dir.path(), options);
+    for (count, missing) in [(1, "plugins/known:v2"), (2, "plugins/unknown:v1")] {
+        let url = reference(&registry, missing).to_string();
+        let error = fetcher.fetch(request(&url)).await.unwrap_err();
+        assert_error(
+            &error,
+            FetchErrorKind::ManifestFailure,
+            &["404", "not found"],
+        );
+        let metrics = fetcher.metrics();
+        assert_eq!(metrics.remote_fetch_count("manifest_failure"), count);
+        assert_eq!(metrics.remote_fetch_count("download_failure"), 0);
+        assert_eq!(metrics.remote_fetch_count("success"), 0);
+    }
+    assert!(fetcher.cache().is_empty());
+}
+
+fn fetcher(dir: &std::path::Path, options: FetchOptions) -> wasmgate_fetch::Fetcher {
+    let cache = wasmgate_fetch::Cache::open(dir).unwrap();
+    wasmgate_fetch::Fetcher::new(options, std::sync::Arc::new(cache)).unwrap()
+}
+
+fn request(url: &str) -> wasmgate_fetch::ModuleRequest<'_> {
+    wasmgate_fetch::ModuleRequest {
+        url,
+        ..wasmgate_fetch::ModuleRequest::default()
+    }
 }
 
 #[tokio::test]
@@ -346,6 +375,14 @@ async fn non_wasm_layout_is_a_manifest_failure() {
         FetchErrorKind::ManifestFailure,
         &["wasm-to-oci", "compat image"],
     );
+    let dir = tempfile::tempdir().unwrap();
+    let fetcher = fetcher(dir.path(), insecure(&registry));
+    let error = fetcher
+        .fetch(request(&image.to_string()))
+        .await
+        .unwrap_err();
+    assert_error(&error, FetchErrorKind::ManifestFailure, &["wasm-to-oci"]);
+    assert_eq!(fetcher.metrics().remote_fetch_count("manifest_failure"), 1);
 }
 
 #[tokio::test]
