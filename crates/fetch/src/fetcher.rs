@@ -13,7 +13,7 @@ use tokio::sync::OnceCell;
 use crate::FetchOptions;
 use crate::cache::{Cache, sha256_hex};
 use crate::docker_config::DockerConfig;
-use crate::error::{FetchError, FetchErrorKind};
+use crate::error::{FetchError, FetchErrorKind, redact_credentials};
 use crate::http::HttpFetcher;
 use crate::metrics::FetchMetrics;
 use crate::oci::Registry;
@@ -198,7 +198,9 @@ impl Fetcher {
     ) -> Result<Fetched, FetchError> {
         let known = match (expected, policy) {
             (Some(sha), _) => Some(sha.to_owned()),
-            (None, PullPolicy::IfNotPresent) => self.cache.url(url).map(|u| u.sha256),
+            (None, PullPolicy::IfNotPresent) => {
+                self.cache.url(&redact_credentials(url)).map(|u| u.sha256)
+            }
             (None, PullPolicy::Always) => None,
         };
         if let Some(hit) = self.cached(known.as_deref(), None) {
@@ -232,8 +234,10 @@ impl Fetcher {
                 format!("the module's sha256 is {sha256}, the configuration expects {expected}"),
             ));
         }
-        let (sha256, path) = self.cache.insert(&module, &[url], None)?;
-        tracing::info!(url, sha256, bytes = module.len(), took = ?started.elapsed(), "fetched a module");
+        // The index is a file `plugin cache ls` prints: it keys the URL without its credentials.
+        let url = redact_credentials(url);
+        let (sha256, path) = self.cache.insert(&module, &[&url], None)?;
+        tracing::info!(url = %url, sha256, bytes = module.len(), took = ?started.elapsed(), "fetched a module");
         Ok(Fetched {
             bytes: module.into(),
             sha256,

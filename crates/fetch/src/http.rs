@@ -4,7 +4,7 @@
 
 use std::time::{Duration, Instant};
 
-use crate::error::{FetchError, FetchErrorKind};
+use crate::error::{FetchError, FetchErrorKind, redact_credentials};
 use crate::{FetchOptions, net};
 
 /// Redirects followed before giving up, as Go's and reqwest's default.
@@ -110,7 +110,7 @@ impl HttpFetcher {
                 ));
             }
             tracing::debug!(
-                url,
+                url = %redact_credentials(url),
                 attempt,
                 ?backoff,
                 "module download failed, retrying: {reason}"

@@ -20,7 +20,7 @@ use std::time::Duration;
 
 pub use cache::{Cache, CacheEntry};
 pub use docker_config::DockerConfig;
-pub use error::{FetchError, FetchErrorKind};
+pub use error::{FetchError, FetchErrorKind, redact_credentials};
 pub use fetcher::{Fetched, Fetcher, ModuleRequest};
 pub use metrics::FetchMetrics;
 pub use reference::{ModuleUrl, OciReference, PullPolicy};
@@ -78,11 +78,27 @@ impl Default for FetchOptions {
 }
 
 impl FetchOptions {
-    /// Whether `registry` (as written in a reference: `host` or `host:port`) is reached over plain HTTP.
+    /// Whether `registry` (as written in a reference: `host` or `host:port`) is reached over plain
+    /// HTTP. An entry `host:port` names that port only; an entry `host` names the host on every
+    /// port; `*` names every registry.
     pub fn is_insecure(&self, registry: &str) -> bool {
-        self.insecure_registries
-            .iter()
-            .any(|r| r == "*" || r == registry || r.split(':').next() == Some(registry))
+        let host = registry_host(registry);
+        self.insecure_registries.iter().any(|entry| {
+            entry == "*"
+                || entry.eq_ignore_ascii_case(registry)
+                || (registry_host(entry) == entry && entry.eq_ignore_ascii_case(host))
+        })
+    }
+}
+
+/// The host of `host[:port]` (an IPv6 address keeps its brackets).
+fn registry_host(registry: &str) -> &str {
+    if registry.starts_with('[') {
+        return registry.find(']').map_or(registry, |end| &registry[..=end]);
+    }
+    match registry.rsplit_once(':') {
+        Some((host, port)) if !port.is_empty() && port.bytes().all(|b| b.is_ascii_digit()) => host,
+        _ => registry,
     }
 }
 
@@ -90,4 +106,41 @@ impl FetchOptions {
 /// data plane uses ring too. Installing twice is harmless.
 pub(crate) fn install_crypto_provider() {
     let _ = rustls::crypto::ring::default_provider().install_default();
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn insecure(entries: &[&str]) -> FetchOptions {
+        FetchOptions {
+            insecure_registries: entries.iter().map(|e| (*e).to_owned()).collect(),
+            ..FetchOptions::default()
+        }
+    }
+
+    #[test]
+    fn an_insecure_entry_with_a_port_names_that_port_only() {
+        let options = insecure(&["registry.local:5000", "plain.local", "[::1]:5000"]);
+        assert!(options.is_insecure("registry.local:5000"));
+        assert!(options.is_insecure("REGISTRY.local:5000"));
+        // The same host on its HTTPS port, or another one, stays HTTPS.
+        assert!(!options.is_insecure("registry.local"));
+        assert!(!options.is_insecure("registry.local:443"));
+        // A bare host is insecure on every port.
+        assert!(options.is_insecure("plain.local"));
+        assert!(options.is_insecure("plain.local:8080"));
+        assert!(options.is_insecure("[::1]:5000"));
+        assert!(!options.is_insecure("[::1]:5001"));
+        assert!(!options.is_insecure("[::1]"));
+        assert!(!options.is_insecure("other.local:5000"));
+        assert!(insecure(&["*"]).is_insecure("anything:1"));
+        assert!(!insecure(&[]).is_insecure("registry.local:5000"));
+    }
+
+    #[test]
+    fn the_default_size_cap_is_istios_256_mib() {
+        assert_eq!(DEFAULT_MAX_SIZE, 256 * 1024 * 1024);
+        assert_eq!(FetchOptions::default().max_size, 256 * 1024 * 1024);
+    }
 }

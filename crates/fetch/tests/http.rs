@@ -96,6 +96,8 @@ async fn answer(stream: &mut tokio::net::TcpStream, path: &str, hit: usize) -> s
         "/flaky.wasm" => respond("200 OK", "", MODULE),
         "/always-500.wasm" => respond("503 Service Unavailable", "", b"down"),
         "/missing.wasm" => respond("404 Not Found", "", b"no such module"),
+        "/forbidden.wasm" => respond("403 Forbidden", "", b"no"),
+        "/not-implemented.wasm" => respond("501 Not Implemented", "", b"never"),
         "/slow.wasm" => {
             tokio::time::sleep(Duration::from_secs(10)).await;
             respond("200 OK", "", MODULE)
@@ -257,6 +259,73 @@ async fn four_hundred_four_is_not_retried() {
         "{message}"
     );
     assert_eq!(server.hits("/missing.wasm"), 1);
+}
+
+#[tokio::test]
+async fn other_4xx_and_the_5xx_that_will_not_change_are_not_retried() {
+    let server = FaultServer::start().await;
+    for (path, status) in [("/forbidden.wasm", "403"), ("/not-implemented.wasm", "501")] {
+        let dir = tempfile::tempdir().unwrap();
+        let fetcher = fetcher(dir.path(), options());
+        let url = server.url(path);
+        let message = fails(
+            &fetcher,
+            &url,
+            None,
+            FetchErrorKind::DownloadFailure,
+            "download_failure",
+        )
+        .await;
+        assert!(
+            message.contains(status) && message.contains("not retried"),
+            "{message}"
+        );
+        assert_eq!(server.hits(path), 1, "{path}");
+    }
+}
+
+#[tokio::test]
+async fn credentials_in_the_url_are_in_no_error_and_no_cache_index() {
+    let server = FaultServer::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    let fetcher = fetcher(dir.path(), options());
+    let with_password = |path: &str| {
+        server
+            .url(path)
+            .replace("http://", "http://module-user:hunter2-secret@")
+    };
+    let url = with_password("/missing.wasm");
+    let error = fetcher
+        .fetch(request(&url))
+        .await
+        .expect_err("the fetch fails");
+    let shown = format!("{error} {error:?}");
+    assert!(!shown.contains("hunter2-secret"), "{shown}");
+    assert!(
+        error.url.contains("module-user:***@") && shown.contains("404"),
+        "{shown}"
+    );
+    // A transport error quotes the URL too.
+    let refused = "http://module-user:hunter2-secret@127.0.0.1:1/p.wasm";
+    let error = fetcher
+        .fetch(ModuleRequest {
+            url: refused,
+            ..ModuleRequest::default()
+        })
+        .await
+        .expect_err("nothing listens on port 1");
+    let shown = format!("{error} {error:?}");
+    assert!(!shown.contains("hunter2-secret"), "{shown}");
+    // Fetched: the index keys the URL without the password, and it is still found by it.
+    let url = with_password("/ok.wasm");
+    fetcher.fetch(request(&url)).await.unwrap();
+    let index = std::fs::read_to_string(dir.path().join("index.json")).unwrap();
+    assert!(
+        !index.contains("hunter2-secret") && index.contains("module-user:***@"),
+        "{index}"
+    );
+    assert!(fetcher.fetch(request(&url)).await.unwrap().cache_hit);
+    assert_eq!(server.hits("/ok.wasm"), 1);
 }
 
 #[tokio::test]
