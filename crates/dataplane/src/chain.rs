@@ -45,6 +45,9 @@ impl WorkerPlugin for Plugin {
     }
 
     fn dispatch_calls(self: &Rc<Self>) {
+        if !self.effects.any_queued() {
+            return;
+        }
         self.dispatch_grpc_streams();
         let (grpc_calls, http_calls) = {
             let mut effects = self.effects.lock();
@@ -422,6 +425,9 @@ impl Chain {
                 return Ok(Action::Continue);
             }
         };
+        if !plugin.effects.any_queued() {
+            return Ok(action);
+        }
         let mut effects = plugin.effects.lock();
         if !effects.local_replies.is_empty()
             && let Some(response) = effects.local_replies.remove(&context)

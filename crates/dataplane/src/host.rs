@@ -4,6 +4,7 @@
 
 use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 
 use parking_lot::Mutex;
 use wasmgate_abi::{
@@ -64,7 +65,70 @@ impl ClusterNames {
 
 /// Shared between a VM's host and the worker that drives the VM. Both live on one worker thread,
 /// so the lock is never contended; it is there because a `Host` must be `Send`.
-pub(crate) type SharedEffects = Arc<Mutex<Effects>>;
+///
+/// Most callbacks ask for nothing, so the worker first looks at a flag kept beside the lock: it
+/// says whether anything was left queued when the lock was last released, and lets the hot path
+/// skip the lock (and the look into half a dozen empty collections) after every callback.
+#[derive(Default, Clone)]
+pub(crate) struct SharedEffects(Arc<EffectsCell>);
+
+#[derive(Default)]
+pub(crate) struct EffectsCell {
+    queued: AtomicBool,
+    effects: Mutex<Effects>,
+}
+
+impl SharedEffects {
+    pub fn lock(&self) -> EffectsGuard<'_> {
+        EffectsGuard {
+            effects: self.0.effects.lock(),
+            queued: &self.0.queued,
+        }
+    }
+
+    /// False when nothing is queued: no lock needed.
+    pub fn any_queued(&self) -> bool {
+        self.0.queued.load(Ordering::Relaxed)
+    }
+}
+
+pub(crate) struct EffectsGuard<'a> {
+    effects: parking_lot::MutexGuard<'a, Effects>,
+    queued: &'a AtomicBool,
+}
+
+impl std::ops::Deref for EffectsGuard<'_> {
+    type Target = Effects;
+    fn deref(&self) -> &Effects {
+        &self.effects
+    }
+}
+
+impl std::ops::DerefMut for EffectsGuard<'_> {
+    fn deref_mut(&mut self) -> &mut Effects {
+        &mut self.effects
+    }
+}
+
+impl Drop for EffectsGuard<'_> {
+    fn drop(&mut self) {
+        // Still under the lock, so a writer on another thread could not slip between.
+        self.queued
+            .store(!self.effects.is_empty(), Ordering::Relaxed);
+    }
+}
+
+impl Effects {
+    fn is_empty(&self) -> bool {
+        self.continued.is_empty()
+            && self.local_replies.is_empty()
+            && self.closed.is_empty()
+            && self.http_calls.is_empty()
+            && self.grpc_calls.is_empty()
+            && self.grpc_streams.is_empty()
+            && self.grpc_stream_ops.is_empty()
+    }
+}
 
 pub(crate) struct GatewayHost {
     pub effects: SharedEffects,

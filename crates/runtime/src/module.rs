@@ -43,6 +43,56 @@ pub const CALLBACKS: &[(&str, usize, bool)] = &[
     ("_start", 0, false),
 ];
 
+/// A callback by its place in [`CALLBACKS`], so that the data path finds it by index instead of
+/// hashing its name on every call.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct CallbackId(usize);
+
+impl CallbackId {
+    /// Meant for const contexts (see `callback!`), where an unknown name fails the build.
+    pub(crate) const fn of(name: &str) -> Self {
+        let mut index = 0;
+        while index < CALLBACKS.len() {
+            if same_bytes(CALLBACKS[index].0.as_bytes(), name.as_bytes()) {
+                return Self(index);
+            }
+            index += 1;
+        }
+        panic!("not a callback the host calls")
+    }
+
+    pub(crate) fn name(self) -> &'static str {
+        CALLBACKS[self.0].0
+    }
+
+    pub(crate) fn index(self) -> usize {
+        self.0
+    }
+}
+
+const fn same_bytes(a: &[u8], b: &[u8]) -> bool {
+    if a.len() != b.len() {
+        return false;
+    }
+    let mut i = 0;
+    while i < a.len() {
+        if a[i] != b[i] {
+            return false;
+        }
+        i += 1;
+    }
+    true
+}
+
+/// The [`CallbackId`] of a callback name, resolved at compile time.
+macro_rules! callback {
+    ($name:literal) => {{
+        const ID: $crate::module::CallbackId = $crate::module::CallbackId::of($name);
+        ID
+    }};
+}
+pub(crate) use callback;
+
 /// What a module exports, as the host sees it.
 #[derive(Debug, Clone)]
 pub struct ModuleInfo {

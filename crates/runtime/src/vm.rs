@@ -13,7 +13,7 @@ use crate::engine::Runtime;
 use crate::error::VmError;
 use crate::guard::{Capabilities, Joined, MemoryLimiter, TraceArgs, export_allowed};
 use crate::imports::wasi::ProcExit;
-use crate::module::{CALLBACKS, CompiledModule};
+use crate::module::{CALLBACKS, CallbackId, CompiledModule, callback};
 use crate::shared::Inbox;
 use crate::state::{
     Callout, CalloutKind, Context, FastMap, Phase, PluginConfig, StreamData, VmState,
@@ -57,7 +57,8 @@ pub struct Vm {
     store: Store<VmState>,
     instance: Instance,
     module: Arc<CompiledModule>,
-    callbacks: FastMap<&'static str, Callback>,
+    /// Indexed by [`CallbackId`]; `None` where the module does not export it (or may not).
+    callbacks: Vec<Option<Callback>>,
     main: Option<Func>,
     roots: HashMap<String, u32>,
     failed: Option<String>,
@@ -133,11 +134,11 @@ impl Vm {
             .ok();
         let callbacks = CALLBACKS
             .iter()
-            .filter(|(name, ..)| module.info.callbacks.iter().any(|c| c == name))
-            .filter(|(name, ..)| export_allowed(config.capabilities.as_ref(), name))
-            .filter_map(|(name, ..)| {
-                let func = instance.get_func(&mut store, name)?;
-                Some((*name, Callback { func, typed: None }))
+            .map(|(name, ..)| {
+                let exported = module.info.callbacks.iter().any(|c| c == name)
+                    && export_allowed(config.capabilities.as_ref(), name);
+                let func = exported.then(|| instance.get_func(&mut store, name))??;
+                Some(Callback { func, typed: None })
             })
             .collect();
         let main = instance
@@ -164,8 +165,8 @@ impl Vm {
     }
 
     fn run_start_functions(&mut self) -> Result<(), VmError> {
-        if self.callbacks.contains_key("_initialize") {
-            self.invoke::<(), ()>("_initialize", 0, Phase::Start, ())?;
+        if self.exports(callback!("_initialize")) {
+            self.invoke::<(), ()>(callback!("_initialize"), 0, Phase::Start, ())?;
             if let Some(main) = self.main {
                 let main = main
                     .typed::<(u32, u32), u32>(&self.store)
@@ -174,8 +175,8 @@ impl Vm {
                 main.call(&mut self.store, (0, 0))
                     .map_err(|e| self.trap("main", 0, e))?;
             }
-        } else if self.callbacks.contains_key("_start") {
-            match self.invoke::<(), ()>("_start", 0, Phase::Start, ()) {
+        } else if self.exports(callback!("_start")) {
+            match self.invoke::<(), ()>(callback!("_start"), 0, Phase::Start, ()) {
                 // A command module's `_start` may end with proc_exit(0): that is a clean start.
                 Err(VmError::Trap { .. }) if self.store.data().exit_code == Some(0) => {
                     self.failed = None;
@@ -244,10 +245,15 @@ impl Vm {
     }
 
     fn configure_new_root(&mut self, id: u32) -> Result<(), VmError> {
-        self.invoke::<(u32, u32), ()>("proxy_on_context_create", id, Phase::Other, (id, 0))?;
+        self.invoke::<(u32, u32), ()>(
+            callback!("proxy_on_context_create"),
+            id,
+            Phase::Other,
+            (id, 0),
+        )?;
         let vm_config_len = self.store.data().vm_configuration.len() as u32;
         if self.invoke::<(u32, u32), u32>(
-            "proxy_on_vm_start",
+            callback!("proxy_on_vm_start"),
             id,
             Phase::VmStart,
             (id, vm_config_len),
@@ -261,7 +267,7 @@ impl Vm {
     fn configure(&mut self, id: u32) -> Result<(), VmError> {
         let config_len = self.context(id)?.plugin.configuration.len() as u32;
         if self.invoke::<(u32, u32), u32>(
-            "proxy_on_configure",
+            callback!("proxy_on_configure"),
             id,
             Phase::Configure,
             (id, config_len),
@@ -308,7 +314,7 @@ impl Vm {
     pub fn stop_plugin(&mut self, root: u32) -> Result<bool, VmError> {
         self.context(root)?;
         let done = self
-            .invoke::<u32, u32>("proxy_on_done", root, Phase::Other, root)?
+            .invoke::<u32, u32>(callback!("proxy_on_done"), root, Phase::Other, root)?
             .unwrap_or(1);
         if done == 0 {
             self.context_mut(root)?.awaiting_done = true;
@@ -319,7 +325,7 @@ impl Vm {
     }
 
     fn delete_context(&mut self, id: u32) -> Result<(), VmError> {
-        let result = self.invoke::<u32, ()>("proxy_on_delete", id, Phase::Other, id);
+        let result = self.invoke::<u32, ()>(callback!("proxy_on_delete"), id, Phase::Other, id);
         let state = self.store.data_mut();
         if let Some(context) = state.contexts.remove(&id)
             && context.is_root(id)
@@ -346,9 +352,12 @@ impl Vm {
                 awaiting_done: false,
             },
         );
-        if let Err(error) =
-            self.invoke::<(u32, u32), ()>("proxy_on_context_create", id, Phase::Other, (id, root))
-        {
+        if let Err(error) = self.invoke::<(u32, u32), ()>(
+            callback!("proxy_on_context_create"),
+            id,
+            Phase::Other,
+            (id, root),
+        ) {
             self.store.data_mut().contexts.remove(&id);
             return Err(error);
         }
@@ -378,7 +387,12 @@ impl Vm {
             .request_headers
             .as_ref()
             .map_or(0, HeaderMap::len) as u32;
-        self.headers_callback("proxy_on_request_headers", context, count, end_of_stream)
+        self.headers_callback(
+            callback!("proxy_on_request_headers"),
+            context,
+            count,
+            end_of_stream,
+        )
     }
 
     pub fn on_request_body(
@@ -392,7 +406,7 @@ impl Vm {
             .as_ref()
             .map_or(0, Vec::len) as u32;
         self.action(
-            "proxy_on_request_body",
+            callback!("proxy_on_request_body"),
             context,
             (context, size, end_of_stream as u32),
         )
@@ -404,7 +418,11 @@ impl Vm {
             .request_trailers
             .as_ref()
             .map_or(0, HeaderMap::len) as u32;
-        self.action("proxy_on_request_trailers", context, (context, count))
+        self.action(
+            callback!("proxy_on_request_trailers"),
+            context,
+            (context, count),
+        )
     }
 
     pub fn on_response_headers(
@@ -417,7 +435,12 @@ impl Vm {
             .response_headers
             .as_ref()
             .map_or(0, HeaderMap::len) as u32;
-        self.headers_callback("proxy_on_response_headers", context, count, end_of_stream)
+        self.headers_callback(
+            callback!("proxy_on_response_headers"),
+            context,
+            count,
+            end_of_stream,
+        )
     }
 
     pub fn on_response_body(
@@ -431,7 +454,7 @@ impl Vm {
             .as_ref()
             .map_or(0, Vec::len) as u32;
         self.action(
-            "proxy_on_response_body",
+            callback!("proxy_on_response_body"),
             context,
             (context, size, end_of_stream as u32),
         )
@@ -443,12 +466,16 @@ impl Vm {
             .response_trailers
             .as_ref()
             .map_or(0, HeaderMap::len) as u32;
-        self.action("proxy_on_response_trailers", context, (context, count))
+        self.action(
+            callback!("proxy_on_response_trailers"),
+            context,
+            (context, count),
+        )
     }
 
     pub fn on_new_connection(&mut self, context: u32) -> Result<Action, VmError> {
         self.stream_or_err(context)?;
-        self.action("proxy_on_new_connection", context, context)
+        self.action(callback!("proxy_on_new_connection"), context, context)
     }
 
     pub fn on_downstream_data(
@@ -462,7 +489,7 @@ impl Vm {
             .as_ref()
             .map_or(0, Vec::len) as u32;
         self.action(
-            "proxy_on_downstream_data",
+            callback!("proxy_on_downstream_data"),
             context,
             (context, size, end_of_stream as u32),
         )
@@ -479,7 +506,7 @@ impl Vm {
             .as_ref()
             .map_or(0, Vec::len) as u32;
         self.action(
-            "proxy_on_upstream_data",
+            callback!("proxy_on_upstream_data"),
             context,
             (context, size, end_of_stream as u32),
         )
@@ -493,7 +520,7 @@ impl Vm {
         self.stream_or_err(context)?;
         let params = (context, peer as u32);
         self.invoke::<(u32, u32), ()>(
-            "proxy_on_downstream_connection_close",
+            callback!("proxy_on_downstream_connection_close"),
             context,
             Phase::Stream,
             params,
@@ -509,7 +536,7 @@ impl Vm {
         self.stream_or_err(context)?;
         let params = (context, peer as u32);
         self.invoke::<(u32, u32), ()>(
-            "proxy_on_upstream_connection_close",
+            callback!("proxy_on_upstream_connection_close"),
             context,
             Phase::Stream,
             params,
@@ -520,21 +547,27 @@ impl Vm {
     /// Ends an HTTP stream in Envoy's order: `proxy_on_log`, `proxy_on_done`, `proxy_on_delete`.
     /// The context is gone afterwards even if a callback trapped.
     pub fn finish_http_stream(&mut self, context: u32) -> Result<(), VmError> {
-        self.finish_stream(context, ["proxy_on_log", "proxy_on_done"])
+        self.finish_stream(
+            context,
+            [callback!("proxy_on_log"), callback!("proxy_on_done")],
+        )
     }
 
     /// Ends a TCP stream in Envoy's order: `proxy_on_done`, `proxy_on_log`, `proxy_on_delete`.
     pub fn finish_tcp_stream(&mut self, context: u32) -> Result<(), VmError> {
-        self.finish_stream(context, ["proxy_on_done", "proxy_on_log"])
+        self.finish_stream(
+            context,
+            [callback!("proxy_on_done"), callback!("proxy_on_log")],
+        )
     }
 
-    fn finish_stream(&mut self, context: u32, order: [&'static str; 2]) -> Result<(), VmError> {
+    fn finish_stream(&mut self, context: u32, order: [CallbackId; 2]) -> Result<(), VmError> {
         if self.context(context)?.is_root(context) {
             return Err(VmError::UnknownContext(context));
         }
         let mut result = Ok(());
         for callback in order {
-            let outcome = if callback == "proxy_on_done" {
+            let outcome = if callback == callback!("proxy_on_done") {
                 self.invoke::<u32, u32>(callback, context, Phase::Other, context)
                     .map(drop)
             } else {
@@ -576,7 +609,7 @@ impl Vm {
 
     pub fn on_tick(&mut self, root: u32) -> Result<(), VmError> {
         self.context(root)?;
-        self.invoke::<u32, ()>("proxy_on_tick", root, Phase::Other, root)
+        self.invoke::<u32, ()>(callback!("proxy_on_tick"), root, Phase::Other, root)
             .map(drop)
     }
 
@@ -600,7 +633,7 @@ impl Vm {
                 continue;
             }
             self.invoke::<(u32, u32), ()>(
-                "proxy_on_queue_ready",
+                callback!("proxy_on_queue_ready"),
                 root,
                 Phase::Other,
                 (root, queue),
@@ -659,7 +692,7 @@ impl Vm {
         state.call_status = status;
         let params = (root, token, counts.0, counts.1, counts.2);
         let result = self.invoke::<(u32, u32, u32, u32, u32), ()>(
-            "proxy_on_http_call_response",
+            callback!("proxy_on_http_call_response"),
             root,
             Phase::HttpCallResponse,
             params,
@@ -687,7 +720,7 @@ impl Vm {
             ..Default::default()
         };
         let result = self.invoke::<(u32, u32, u32), ()>(
-            "proxy_on_grpc_receive_initial_metadata",
+            callback!("proxy_on_grpc_receive_initial_metadata"),
             root,
             Phase::GrpcInitialMetadata,
             (root, token, count),
@@ -701,7 +734,7 @@ impl Vm {
         let size = message.len() as u32;
         self.store.data_mut().grpc_message = Some(message);
         let result = self.invoke::<(u32, u32, u32), ()>(
-            "proxy_on_grpc_receive",
+            callback!("proxy_on_grpc_receive"),
             root,
             Phase::GrpcMessage,
             (root, token, size),
@@ -722,7 +755,7 @@ impl Vm {
             ..Default::default()
         };
         let result = self.invoke::<(u32, u32, u32), ()>(
-            "proxy_on_grpc_receive_trailing_metadata",
+            callback!("proxy_on_grpc_receive_trailing_metadata"),
             root,
             Phase::GrpcTrailingMetadata,
             (root, token, count),
@@ -751,7 +784,7 @@ impl Vm {
         state.callouts.remove(&token);
         state.call_status = (grpc_status, message.as_bytes().to_vec());
         self.invoke::<(u32, u32, u32), ()>(
-            "proxy_on_grpc_close",
+            callback!("proxy_on_grpc_close"),
             root,
             Phase::GrpcClose,
             (root, token, grpc_status),
@@ -770,7 +803,7 @@ impl Vm {
         let size = arguments.len() as u32;
         self.store.data_mut().foreign_arguments = Some(arguments);
         let result = self.invoke::<(u32, u32, u32), ()>(
-            "proxy_on_foreign_function",
+            callback!("proxy_on_foreign_function"),
             root,
             Phase::ForeignFunction,
             (root, function_id, size),
@@ -871,32 +904,36 @@ impl Vm {
 
     fn headers_callback(
         &mut self,
-        name: &'static str,
+        callback: CallbackId,
         context: u32,
         count: u32,
         eos: bool,
     ) -> Result<Action, VmError> {
         if self.module.abi_version() == AbiVersion::V0_1_0 {
-            self.action(name, context, (context, count))
+            self.action(callback, context, (context, count))
         } else {
-            self.action(name, context, (context, count, eos as u32))
+            self.action(callback, context, (context, count, eos as u32))
         }
     }
 
     fn action<P: WasmParams + TraceArgs + 'static>(
         &mut self,
-        name: &'static str,
+        callback: CallbackId,
         context: u32,
         params: P,
     ) -> Result<Action, VmError> {
-        let raw = self.invoke::<P, u32>(name, context, Phase::Stream, params)?;
+        let raw = self.invoke::<P, u32>(callback, context, Phase::Stream, params)?;
         Ok(raw.map_or(Action::Continue, Action::from_raw))
+    }
+
+    fn exports(&self, callback: CallbackId) -> bool {
+        self.callbacks[callback.index()].is_some()
     }
 
     /// Calls an exported callback with `context` current. `Ok(None)` when the module does not export it.
     fn invoke<P: WasmParams + TraceArgs + 'static, R: WasmResults + std::fmt::Debug + 'static>(
         &mut self,
-        name: &'static str,
+        callback: CallbackId,
         context: u32,
         phase: Phase,
         params: P,
@@ -907,30 +944,29 @@ impl Vm {
                 reason: reason.clone(),
             });
         }
-        let Some(callback) = self.callbacks.get_mut(name) else {
+        let name = callback.name();
+        let Some(exported) = &mut self.callbacks[callback.index()] else {
             return Ok(None);
         };
         // The signature check runs once per callback and VM; later calls borrow the typed handle
         // (a clone would clone its registered type too, on every call).
-        let checked = callback
+        if !exported
             .typed
             .as_ref()
-            .is_some_and(|typed| typed.is::<TypedFunc<P, R>>());
-        if !checked {
-            let func = callback.func;
-            let typed = func
-                .typed::<P, R>(&self.store)
-                .map_err(|e| self.trap(name, context, e))?;
-            if let Some(callback) = self.callbacks.get_mut(name) {
-                callback.typed = Some(Box::new(typed));
+            .is_some_and(|typed| typed.is::<TypedFunc<P, R>>())
+        {
+            match exported.func.typed::<P, R>(&self.store) {
+                Ok(typed) => exported.typed = Some(Box::new(typed)),
+                Err(error) => return Err(self.trap(name, context, error)),
             }
         }
-        let typed = self
-            .callbacks
-            .get(name)
-            .and_then(|callback| callback.typed.as_ref())
+        let Some(typed) = self.callbacks[callback.index()]
+            .as_ref()
+            .and_then(|exported| exported.typed.as_ref())
             .and_then(|typed| typed.downcast_ref::<TypedFunc<P, R>>())
-            .expect("checked above");
+        else {
+            unreachable!("the typed handle was stored above")
+        };
         let _span = self.callback_span(name, context).entered();
         let traced = self.store.data().log_level.get() == LogLevel::Trace;
         if traced {
