@@ -140,7 +140,7 @@ pub(crate) fn fetch(
     let credentials = remote.docker_config()?;
     let io = io()?;
     // Last before the fetch: an early return must not leave the progress thread drawing.
-    let progress = Progress::start(url);
+    let progress = Progress::start(&wasmgate_fetch::redact_credentials(url));
     options.progress = progress.callback();
     let fetcher = match Fetcher::new(options, cache) {
         Ok(fetcher) => fetcher,

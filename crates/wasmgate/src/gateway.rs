@@ -21,7 +21,7 @@ use wasmgate_dataplane::{
 };
 use wasmgate_fetch::{
     Cache, DockerConfig, FetchError, FetchErrorKind, FetchOptions, Fetched, Fetcher, ModuleRequest,
-    ModuleUrl, PullPolicy,
+    ModuleUrl, PullPolicy, redact_credentials,
 };
 use wasmgate_runtime::{CompiledModule, PluginConfig, Runtime, RuntimeConfig, Vm, VmConfig};
 use wasmgate_toolkit::harness::RecordingHost;
@@ -206,7 +206,7 @@ impl Control {
         };
         let fetched = match self.io.block_on(self.fetcher.fetch(request)) {
             Ok(fetched) => fetched,
-            Err(error) => match self.stale_copy(uri, &error) {
+            Err(error) => match self.stale_copy(&plugin.name, uri, &error) {
                 Some(bytes) => bytes,
                 None => return Err(error.message),
             },
@@ -221,7 +221,7 @@ impl Control {
     /// After a transport failure, the module this URL gave last time (an `Always` pull whose
     /// registry is down, say): serving it beats failing the plugin. Never after a checksum or
     /// content error, which says the cached answer is not what was asked for.
-    fn stale_copy(&self, uri: &str, error: &FetchError) -> Option<Fetched> {
+    fn stale_copy(&self, plugin: &str, uri: &str, error: &FetchError) -> Option<Fetched> {
         if !matches!(
             error.kind,
             FetchErrorKind::DownloadFailure | FetchErrorKind::ManifestFailure
@@ -229,14 +229,17 @@ impl Control {
             return None;
         }
         let cache = self.fetcher.cache();
+        // The keys the fetcher writes: OCI references in their canonical form, other URLs without
+        // their credentials.
         let key = match ModuleUrl::parse(uri).ok()? {
             ModuleUrl::Oci(reference) => reference.to_string(),
-            _ => uri.to_owned(),
+            _ => redact_credentials(uri).into_owned(),
         };
         let entry = cache.url(&key)?;
         let bytes = cache.get(&entry.sha256)?;
         tracing::warn!(
-            url = uri,
+            plugin = %plugin,
+            url = %redact_credentials(uri),
             sha256 = entry.sha256,
             "cannot refresh the module ({}); serving the copy fetched before",
             error.message
@@ -331,10 +334,7 @@ impl Slot {
             "name": self.spec.name,
             "listener": self.listener,
             "origin": self.spec.origin.to_string(),
-            "url": match &self.spec.source {
-                CodeSource::Local(path) => format!("file://{}", path.display()),
-                CodeSource::Remote { uri, .. } => uri.clone(),
-            },
+            "url": plugin_url(&self.spec),
             "chain": match self.chain {
                 ChainKind::Http => "http",
                 ChainKind::Network => "network",
@@ -538,11 +538,11 @@ pub fn prepare(
             }),
         });
     }
-    let config_dump = json!({
+    let config_dump = redacted(json!({
         "config": config,
         "plugins": plugins_json(&slots),
         "rejected_manifests": rejected.iter().map(ToString::to_string).collect::<Vec<_>>(),
-    });
+    }));
     control
         .fetcher
         .metrics()
@@ -574,13 +574,10 @@ fn place_plugin(
     previous: &[Slot],
     control: &Control,
 ) -> anyhow::Result<Slot> {
-    // A failed one too: it keeps its place in the background retries.
+    // A failed one too, and one whose new version failed while the earlier one serves: each
+    // keeps its place in the background retries, and its failure is not logged again.
     let unchanged = previous.iter().find(|s| {
-        s.listener == listener
-            && s.chain == chain
-            && s.spec == plugin
-            && s.outdated.is_none()
-            && same_local_module(s)
+        s.listener == listener && s.chain == chain && s.spec == plugin && same_local_module(s)
     });
     if let Some(unchanged) = unchanged {
         return Ok(unchanged.clone());
@@ -596,6 +593,7 @@ fn place_plugin(
         (SlotState::Failed { reason }, Some(earlier)) => {
             tracing::error!(
                 plugin = %plugin.name,
+                url = %plugin_url(&plugin),
                 "cannot load the plugin's new version: {reason}; the earlier version keeps serving; retrying in the background"
             );
             Slot {
@@ -693,15 +691,39 @@ fn filter_spec(plugin: &PluginSpec, module: Arc<CompiledModule>) -> FilterSpec {
     }
 }
 
+/// Where a plugin's module comes from, as logs and the admin show it: credentials in the URL
+/// redacted.
+fn plugin_url(plugin: &PluginSpec) -> String {
+    match &plugin.source {
+        CodeSource::Local(path) => format!("file://{}", path.display()),
+        CodeSource::Remote { uri, .. } => redact_credentials(uri).into_owned(),
+    }
+}
+
+/// `value` with credentials redacted from every URL in its strings: what `/plugins` and
+/// `/config_dump` serve (a remote `uri` in the configuration, an error quoting one).
+fn redacted(mut value: serde_json::Value) -> serde_json::Value {
+    fn walk(value: &mut serde_json::Value) {
+        match value {
+            serde_json::Value::String(text) => {
+                if let std::borrow::Cow::Owned(clean) = redact_credentials(text) {
+                    *text = clean;
+                }
+            }
+            serde_json::Value::Array(items) => items.iter_mut().for_each(walk),
+            serde_json::Value::Object(fields) => fields.values_mut().for_each(walk),
+            _ => {}
+        }
+    }
+    walk(&mut value);
+    value
+}
+
 /// The one log line a fetch failure gets: the URL, the reason, and what the gateway does.
 fn log_fetch_failure(plugin: &PluginSpec, reason: &str) {
-    let url = match &plugin.source {
-        CodeSource::Remote { uri, .. } => uri.as_str(),
-        CodeSource::Local(_) => "",
-    };
     tracing::error!(
         plugin = %plugin.name,
-        url,
+        url = %plugin_url(plugin),
         "cannot load the plugin's module: {reason}; {}; retrying in the background",
         failure_action(plugin.failure_policy)
     );
@@ -949,7 +971,7 @@ fn plugins_json(slots: &[Slot]) -> serde_json::Value {
             value
         })
         .collect();
-    json!(entries)
+    redacted(json!(entries))
 }
 
 /// Longest wait between two background fetch attempts for one plugin.
@@ -1038,7 +1060,21 @@ fn background(
         let now = Instant::now();
         if now >= next_purge {
             next_purge = now + purge_every;
-            match control.fetcher.cache().prune(control.cache_expiry) {
+            // What serves is kept whatever its age: it was read once at load and serves from
+            // memory since, so its last use in the cache says nothing.
+            let in_use: Vec<String> = state
+                .slots
+                .iter()
+                .filter_map(|slot| match &slot.state {
+                    SlotState::Loaded { sha256, .. } => Some(sha256.clone()),
+                    SlotState::Failed { .. } => None,
+                })
+                .collect();
+            match control
+                .fetcher
+                .cache()
+                .prune_keeping(control.cache_expiry, &in_use)
+            {
                 Ok(removed) if !removed.is_empty() => {
                     tracing::info!(
                         modules = removed.len(),
