@@ -206,16 +206,80 @@ fn pull_secrets_and_a_tls_registry_with_its_ca() {
     let ca = dir.path().join("ca.pem");
     std::fs::write(&ca, tls.ca_pem.as_ref().unwrap()).unwrap();
     let wasm = plugin("add_header");
+    let module_sha = sha256_hex(&std::fs::read(&wasm).unwrap());
+    let secrets = dir.path().join("secrets");
+    std::fs::create_dir(&secrets).unwrap();
+    let docker_config = secrets.join("registry-pull-secret");
+    std::fs::write(
+        &docker_config,
+        format!(
+            r#"{{"auths": {{"{}": {{"username": "{user}", "password": "{password}"}}}}}}"#,
+            locked.address
+        ),
+    )
+    .unwrap();
 
-    // Push with a user name and the password from the environment, then over TLS with the CA.
-    let locked_ref = format!("oci://{}/private/add-header:v1", locked.address);
-    let output = wasmgate()
-        .args(["plugin", "push", wasm.to_str().unwrap(), &locked_ref])
-        .args(["--insecure-registry", &locked.address, "--username", user])
-        .env("WASMGATE_REGISTRY_PASSWORD", password)
-        .output()
-        .unwrap();
-    ok(output);
+    // Every layout: pushed with a user name and the password from the environment, then over
+    // TLS with the CA; pulled back with the credentials from a Docker config, and with the CA.
+    let pull = |reference: &str, flags: &[&str], cache: &str| {
+        let mut args = vec![
+            "plugin",
+            "pull",
+            reference,
+            "--cache-dir",
+            dir.path().join(cache).to_str().unwrap(),
+        ]
+        .into_iter()
+        .map(str::to_owned)
+        .collect::<Vec<_>>();
+        args.extend(flags.iter().map(|f| (*f).to_owned()));
+        wasmgate().args(&args).output().unwrap()
+    };
+    let ca_file = ca.to_str().unwrap();
+    let config_file = docker_config.to_str().unwrap();
+    for variant in ["compat", "artifact", "docker"] {
+        let locked_ref = format!("oci://{}/private/add-header:{variant}", locked.address);
+        let output = wasmgate()
+            .args(["plugin", "push", wasm.to_str().unwrap(), &locked_ref])
+            .args(["--variant", variant])
+            .args(["--insecure-registry", &locked.address, "--username", user])
+            .env("WASMGATE_REGISTRY_PASSWORD", password)
+            .output()
+            .unwrap();
+        let pushed = ok(output);
+        let tls_ref = format!("oci://{}/secure/add-header:{variant}", tls.address);
+        let tls_digest = push(&wasm, &tls_ref, variant, &["--ca-file", ca_file]);
+        let insecure = ["--insecure-registry", locked.address.as_str()];
+        let output = pull(
+            &locked_ref,
+            &[&insecure[..], &["--docker-config", config_file]].concat(),
+            &format!("locked-{variant}"),
+        );
+        assert!(
+            !String::from_utf8_lossy(&output.stderr).contains(password),
+            "the password leaked"
+        );
+        let pulled = ok(output);
+        assert!(pulled.contains(&format!("sha256 {module_sha}")), "{pulled}");
+        let digest = pushed
+            .lines()
+            .find_map(|l| l.strip_prefix("digest "))
+            .unwrap();
+        assert!(pulled.contains(&format!("digest {digest}")), "{pulled}");
+        let anonymous = pull(&locked_ref, &insecure, &format!("anonymous-{variant}"));
+        let message = String::from_utf8_lossy(&anonymous.stderr);
+        assert!(!anonymous.status.success());
+        assert!(message.contains("requires credentials"), "{message}");
+        let pulled = ok(pull(
+            &tls_ref,
+            &["--ca-file", ca_file],
+            &format!("tls-{variant}"),
+        ));
+        assert!(pulled.contains(&format!("sha256 {module_sha}")), "{pulled}");
+        assert!(pulled.contains(&format!("digest {tls_digest}")), "{pulled}");
+    }
+    let locked_ref = format!("oci://{}/private/add-header:compat", locked.address);
+    let tls_ref = format!("oci://{}/secure/add-header:compat", tls.address);
     let refused = run(&[
         "plugin",
         "push",
@@ -225,13 +289,6 @@ fn pull_secrets_and_a_tls_registry_with_its_ca() {
         &locked.address,
     ]);
     assert!(!refused.status.success(), "anonymous push is refused");
-    let tls_ref = format!("oci://{}/secure/add-header:v1", tls.address);
-    push(
-        &wasm,
-        &tls_ref,
-        "compat",
-        &["--ca-file", ca.to_str().unwrap()],
-    );
     let untrusted = run(&[
         "plugin",
         "pull",
@@ -244,16 +301,6 @@ fn pull_secrets_and_a_tls_registry_with_its_ca() {
     assert!(message.to_lowercase().contains("certificate"), "{message}");
 
     // The gateway: the secret from pull_secrets_dir, the CA from module_fetch.ca_files.
-    let secrets = dir.path().join("secrets");
-    std::fs::create_dir(&secrets).unwrap();
-    std::fs::write(
-        secrets.join("registry-pull-secret"),
-        format!(
-            r#"{{"auths": {{"{}": {{"username": "{user}", "password": "{password}"}}}}}}"#,
-            locked.address
-        ),
-    )
-    .unwrap();
     let plugins = dir.path().join("plugins.d");
     std::fs::create_dir(&plugins).unwrap();
     std::fs::write(
@@ -282,8 +329,10 @@ fn pull_secrets_and_a_tls_registry_with_its_ca() {
     assert_eq!(header(&answer, "x-private"), Some("private"), "{answer}");
     assert_eq!(header(&answer, "x-secure"), Some("secure"), "{answer}");
     let (_, dump) = get(gateway.admin, "/config_dump", "");
+    let (_, plugins) = get(gateway.admin, "/plugins", "");
+    let (_, stats) = get(gateway.admin, "/stats/prometheus", "");
     let logs = gateway.stderr.lock().clone();
-    for place in [&dump, &logs] {
+    for place in [&dump, &plugins, &stats, &logs] {
         assert!(!place.contains(password), "the password leaked: {place}");
     }
 }
@@ -315,6 +364,12 @@ fn failed_fetches_never_break_traffic_and_recover_in_the_background() {
     );
     // Over the 4 MiB cap the config sets below.
     modules.set("/huge.wasm", 200, &vec![0u8; 5 << 20]);
+    // 500 once, then the module: the fetch's own retry gets it, and nothing fails. A module of
+    // its own (another custom section), so the cache cannot answer for it.
+    let mut flaky = wasm.clone();
+    flaky.extend_from_slice(b"\x00\x06\x05flaky");
+    let flaky_sha = sha256_hex(&flaky);
+    modules.flaky("/flaky.wasm", 1, 500, &flaky);
     let dir = tempfile::tempdir().unwrap();
     let remote = |name: &str, path: &str, sha: &str, policy: &str, header: &str| {
         format!(
@@ -344,7 +399,8 @@ fn failed_fetches_never_break_traffic_and_recover_in_the_background() {
                 )
                 + &remote("loop", "/loop.wasm", &sha, "FAIL_OPEN", "x-loop")
                 + &remote("huge", "/huge.wasm", &sha, "FAIL_OPEN", "x-huge")
-                + &remote("envoy-remote", "/ok.wasm", &sha, "FAIL_CLOSED", "x-remote")),
+                + &remote("envoy-remote", "/ok.wasm", &sha, "FAIL_CLOSED", "x-remote")
+                + &remote("flaky", "/flaky.wasm", &flaky_sha, "FAIL_CLOSED", "x-flaky")),
         ),
         listener(
             "closed",
@@ -369,6 +425,7 @@ fn failed_fetches_never_break_traffic_and_recover_in_the_background() {
         Some("envoy-remote"),
         "{answer}"
     );
+    assert_eq!(header(&answer, "x-flaky"), Some("flaky"), "{answer}");
     for absent in [
         "x-missing",
         "x-html",
@@ -390,7 +447,7 @@ fn failed_fetches_never_break_traffic_and_recover_in_the_background() {
     // slow, truncated, redirect loop and over the cap are download failures, twice 404 with the
     // FAIL_CLOSE plugin's.
     for (result, at_least) in [
-        ("success", 1),
+        ("success", 2),
         ("fetch_failure", 1),
         ("checksum_mismatched", 1),
         ("download_failure", 6),
@@ -410,6 +467,10 @@ fn failed_fetches_never_break_traffic_and_recover_in_the_background() {
     assert_eq!(
         plugin_state(gateway.admin, "envoy-remote"),
         ("loaded".into(), Some(sha.clone()))
+    );
+    assert_eq!(
+        plugin_state(gateway.admin, "flaky"),
+        ("loaded".into(), Some(flaky_sha))
     );
 
     // The module appears: the background retry swaps the plugin in, and traffic flows through it.
@@ -453,6 +514,10 @@ fn failed_fetches_never_break_traffic_and_recover_in_the_background() {
             lines[0]
         );
     }
+    assert!(
+        lines_with(&logs, &["cannot load", &modules.url("/flaky.wasm")]).is_empty(),
+        "a 500 the retry got past is no failure:\n{logs}"
+    );
 }
 
 #[test]
@@ -676,4 +741,414 @@ fn push_an_oci_image_layout_as_it_is_and_pull_it_back() {
     let message = String::from_utf8_lossy(&refused.stderr);
     assert!(!refused.status.success());
     assert!(message.contains("does not match its digest"), "{message}");
+}
+
+/// A value of the gateway's `/stats/prometheus`.
+fn metric(admin: std::net::SocketAddr, name: &str) -> u64 {
+    let (_, stats) = get(admin, "/stats/prometheus", "");
+    stats
+        .lines()
+        .find_map(|l| l.strip_prefix(&format!("{name} ")))
+        .and_then(|v| v.trim().parse().ok())
+        .unwrap_or_else(|| panic!("{name} in\n{stats}"))
+}
+
+/// Writes `text` to `path` through a rename from the folder above, so a gateway watching the
+/// file's folder sees one whole change.
+fn replace_file(path: &Path, text: &str) {
+    let folder = path.parent().unwrap();
+    let staging = folder.parent().unwrap().join(format!(
+        "{}.staging",
+        folder.file_name().unwrap().to_string_lossy()
+    ));
+    std::fs::write(&staging, text).unwrap();
+    std::fs::rename(&staging, path).unwrap();
+}
+
+/// Changes `plugins.d/p.yaml` and waits until the gateway has applied the change.
+fn reload_with(gateway: &Running, manifest_file: &Path, text: &str) {
+    let before = metric(gateway.admin, "wasmgate_config_generation");
+    replace_file(manifest_file, text);
+    assert!(
+        eventually(Duration::from_secs(20), || metric(
+            gateway.admin,
+            "wasmgate_config_generation"
+        ) > before),
+        "the change was applied; log:\n{}",
+        gateway.stderr.lock()
+    );
+}
+
+/// The lines of `logs` holding every one of `words`.
+fn lines_with<'a>(logs: &'a str, words: &[&str]) -> Vec<&'a str> {
+    logs.lines()
+        .filter(|l| words.iter().all(|w| l.contains(w)))
+        .collect()
+}
+
+#[test]
+fn an_earlier_version_keeps_serving_when_its_new_version_cannot_be_had() {
+    let modules = ModuleServer::start();
+    let wasm = std::fs::read(plugin("add_header")).unwrap();
+    let sha = sha256_hex(&wasm);
+    modules.set("/v1.wasm", 200, &wasm);
+    let dir = tempfile::tempdir().unwrap();
+    let plugins = dir.path().join("plugins.d");
+    std::fs::create_dir(&plugins).unwrap();
+    let manifest_file = plugins.join("p.yaml");
+    std::fs::write(
+        &manifest_file,
+        manifest("versioned", &modules.url("/v1.wasm"), "x-v1", ""),
+    )
+    .unwrap();
+    let yaml = gateway_yaml(
+        upstream(Duration::ZERO),
+        &listener("main", "      []\n"),
+        "plugins_dir: plugins.d\nmodule_cache: { dir: cache }\nmodule_fetch: { timeout: 2s, attempt_timeout: 1s, max_attempts: 2, retry_initial_backoff: 100ms }\n",
+    );
+    let config = dir.path().join("gateway.yaml");
+    std::fs::write(&config, yaml).unwrap();
+    let gateway = start_capturing(wasmgate().args(["run", "--config", config.to_str().unwrap()]));
+    let main = gateway.listener("main");
+    let answers = |name: &str| {
+        let (status, answer) = get(main, "/", "");
+        status == 200
+            && header(&answer, name) == Some("versioned")
+            && ["x-v1", "x-v2", "x-v3"]
+                .iter()
+                .all(|other| *other == name || header(&answer, other).is_none())
+    };
+    assert!(answers("x-v1"));
+
+    // A new version whose URL answers 404, then one whose sha256 is wrong: the first version
+    // answers as before, and each failure is logged once, with the plugin, the URL, the reason
+    // and what the gateway did.
+    let wrong_sha = format!("  sha256: {}\n", "0".repeat(64));
+    for (url, extra, reason) in [
+        (modules.url("/v2.wasm"), "", "404"),
+        (modules.url("/v1.wasm"), wrong_sha.as_str(), "0000000000"),
+    ] {
+        reload_with(
+            &gateway,
+            &manifest_file,
+            &manifest("versioned", &url, "x-v2", extra),
+        );
+        assert!(answers("x-v1"), "the earlier version serves");
+        assert_eq!(
+            plugin_state(gateway.admin, "versioned"),
+            ("outdated".into(), Some(sha.clone()))
+        );
+        let logs = gateway.stderr.lock().clone();
+        let lines = lines_with(
+            &logs,
+            &["cannot load the plugin's new version", &url, reason],
+        );
+        assert_eq!(lines.len(), 1, "one line for {url}:\n{logs}");
+        assert!(
+            lines[0].contains("versioned")
+                && lines[0].contains("the earlier version keeps serving"),
+            "{}",
+            lines[0]
+        );
+    }
+
+    // The server fails outright on a URL that worked before: the copy fetched from it then
+    // serves, with the new plugin configuration.
+    modules.set("/v1.wasm", 503, b"down");
+    reload_with(
+        &gateway,
+        &manifest_file,
+        &manifest(
+            "versioned",
+            &modules.url("/v1.wasm"),
+            "x-v3",
+            "  imagePullPolicy: Always\n",
+        ),
+    );
+    assert!(answers("x-v3"), "the cached copy serves the new version");
+    assert_eq!(
+        plugin_state(gateway.admin, "versioned"),
+        ("loaded".into(), Some(sha.clone()))
+    );
+    let logs = gateway.stderr.lock().clone();
+    let lines = lines_with(
+        &logs,
+        &[
+            "cannot refresh the module",
+            "versioned",
+            &modules.url("/v1.wasm"),
+            "503",
+            "serving the copy fetched before",
+        ],
+    );
+    assert_eq!(lines.len(), 1, "{logs}");
+    // The 404 and checksum failures were not logged again by the later reloads.
+    assert_eq!(
+        lines_with(&logs, &["cannot load the plugin's new version"]).len(),
+        2,
+        "{logs}"
+    );
+}
+
+#[test]
+fn a_password_in_a_module_url_is_in_no_log_admin_page_or_metric() {
+    let modules = ModuleServer::start();
+    let wasm = std::fs::read(plugin("add_header")).unwrap();
+    let sha = sha256_hex(&wasm);
+    modules.set("/ok.wasm", 200, &wasm);
+    let secret = "hunter2-secret";
+    let with_password = |path: &str| {
+        modules
+            .url(path)
+            .replace("http://", &format!("http://module-user:{secret}@"))
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let plugins = dir.path().join("plugins.d");
+    std::fs::create_dir(&plugins).unwrap();
+    // From WasmPlugins (one fetch fails, one works) and from the configuration itself.
+    std::fs::write(
+        plugins.join("p.yaml"),
+        manifest(
+            "manifest-missing",
+            &with_password("/missing.wasm"),
+            "x-missing",
+            "  failStrategy: FAIL_OPEN\n",
+        ) + &manifest("fetched", &with_password("/ok.wasm"), "x-fetched", ""),
+    )
+    .unwrap();
+    let filter = format!(
+        "      - name: config-missing\n        failure_policy: FAIL_OPEN\n        configuration: '{{\"name\": \"x-config\", \"value\": \"config\"}}'\n        vm_config: {{ code: {{ remote: {{ http_uri: {{ uri: \"{}\" }}, sha256: \"{sha}\" }} }} }}\n",
+        with_password("/also-missing.wasm")
+    );
+    let yaml = gateway_yaml(
+        upstream(Duration::ZERO),
+        &listener("main", &filter),
+        "plugins_dir: plugins.d\nmodule_cache: { dir: cache }\nmodule_fetch: { timeout: 2s, attempt_timeout: 1s, max_attempts: 1, retry_initial_backoff: 100ms }\n",
+    );
+    let config = dir.path().join("gateway.yaml");
+    std::fs::write(&config, yaml).unwrap();
+    let gateway = start_capturing(wasmgate().args(["run", "--config", config.to_str().unwrap()]));
+    let (status, answer) = get(gateway.listener("main"), "/", "");
+    assert_eq!(status, 200, "{answer}");
+    assert_eq!(header(&answer, "x-fetched"), Some("fetched"), "{answer}");
+    // Let a background retry or two log as well.
+    assert!(eventually(Duration::from_secs(10), || metric(
+        gateway.admin,
+        "wasm_remote_fetch_count{result=\"download_failure\"}"
+    ) >= 4));
+
+    let (_, plugins) = get(gateway.admin, "/plugins", "");
+    let (_, dump) = get(gateway.admin, "/config_dump", "");
+    let (_, stats) = get(gateway.admin, "/stats/prometheus", "");
+    let logs = gateway.stderr.lock().clone();
+    for (place, text) in [
+        ("/plugins", &plugins),
+        ("/config_dump", &dump),
+        ("/stats/prometheus", &stats),
+        ("the log", &logs),
+    ] {
+        assert!(!text.contains(secret), "the password is in {place}: {text}");
+    }
+    // The URLs are still shown, user name included.
+    let redacted = |path: &str| {
+        modules
+            .url(path)
+            .replace("http://", "http://module-user:***@")
+    };
+    for path in ["/missing.wasm", "/ok.wasm", "/also-missing.wasm"] {
+        assert!(plugins.contains(&redacted(path)), "{path}: {plugins}");
+    }
+    assert!(
+        dump.contains(&redacted("/also-missing.wasm")),
+        "the configuration's own URL: {dump}"
+    );
+    for path in ["/missing.wasm", "/also-missing.wasm"] {
+        let lines = lines_with(
+            &logs,
+            &[
+                "cannot load the plugin's module",
+                &redacted(path),
+                "404",
+                "FAIL_OPEN",
+            ],
+        );
+        assert_eq!(lines.len(), 1, "{path}:\n{logs}");
+    }
+    assert_eq!(
+        lines_with(&logs, &["fetched a module", &redacted("/ok.wasm")]).len(),
+        1,
+        "{logs}"
+    );
+}
+
+/// Sets `last_used` of every module in the cache's index to the Unix epoch's first second, as if
+/// nothing had read them for decades.
+fn age_every_module(cache: &Path) {
+    let path = cache.join("index.json");
+    let mut index: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(&path).unwrap()).unwrap();
+    for entry in index["modules"].as_object_mut().unwrap().values_mut() {
+        entry["last_used"] = serde_json::json!(1);
+    }
+    replace_file(&path, &serde_json::to_string(&index).unwrap());
+}
+
+/// `last_used` of a module in the cache's index; `None` once it is gone.
+fn last_used(cache: &Path, sha256: &str) -> Option<u64> {
+    let index: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(cache.join("index.json")).unwrap()).unwrap();
+    index["modules"][sha256]["last_used"].as_u64()
+}
+
+#[test]
+fn the_purge_keeps_modules_in_use_so_a_restart_still_needs_no_network() {
+    let modules = ModuleServer::start();
+    let wasm = std::fs::read(plugin("add_header")).unwrap();
+    let sha = sha256_hex(&wasm);
+    let mut unused = wasm.clone();
+    unused.extend_from_slice(b"\x00\x05\x04test");
+    let unused_sha = sha256_hex(&unused);
+    modules.set("/serving.wasm", 200, &wasm);
+    modules.set("/unused.wasm", 200, &unused);
+    let dir = tempfile::tempdir().unwrap();
+    let cache = dir.path().join("cache");
+    ok(run(&[
+        "plugin",
+        "pull",
+        &modules.url("/unused.wasm"),
+        "--cache-dir",
+        cache.to_str().unwrap(),
+    ]));
+    let plugins = dir.path().join("plugins.d");
+    std::fs::create_dir(&plugins).unwrap();
+    std::fs::write(
+        plugins.join("p.yaml"),
+        manifest("serving", &modules.url("/serving.wasm"), "x-serving", ""),
+    )
+    .unwrap();
+    let yaml = gateway_yaml(
+        upstream(Duration::ZERO),
+        &listener("main", "      []\n"),
+        "plugins_dir: plugins.d\nmodule_cache: { dir: cache, expiry: 1s, purge_interval: 1s }\n",
+    );
+    let config = dir.path().join("gateway.yaml");
+    std::fs::write(&config, yaml).unwrap();
+    let serves = |gateway: &Running| {
+        let (status, answer) = get(gateway.listener("main"), "/", "");
+        status == 200 && header(&answer, "x-serving") == Some("serving")
+    };
+    let compiled = || {
+        std::fs::read_dir(cache.join("modules"))
+            .unwrap()
+            .flatten()
+            .map(|f| f.file_name().to_string_lossy().into_owned())
+            .filter(|name| name.starts_with(&format!("{sha}-")) && name.ends_with(".cwasm"))
+            .count()
+    };
+    let gateway = start(&["run", "--config", config.to_str().unwrap()]);
+    assert!(serves(&gateway));
+    assert_eq!(compiled(), 1, "the compiled module is beside the module");
+
+    // Both modules look unused for decades. The next purge removes the one nothing serves and
+    // keeps the serving one, marking it used.
+    age_every_module(&cache);
+    assert!(
+        eventually(Duration::from_secs(10), || last_used(&cache, &sha)
+            != Some(1)),
+        "a purge ran"
+    );
+    assert!(
+        last_used(&cache, &sha).is_some(),
+        "the serving module was kept"
+    );
+    assert_eq!(last_used(&cache, &unused_sha), None, "the unused one went");
+    assert!(cache.join(format!("modules/{sha}.wasm")).is_file());
+    assert!(!cache.join(format!("modules/{unused_sha}.wasm")).exists());
+    assert_eq!(compiled(), 1, "the compiled module stays with its module");
+    assert!(eventually(Duration::from_secs(5), || metric(
+        gateway.admin,
+        "wasm_cache_entries"
+    ) == 1));
+    assert!(serves(&gateway));
+
+    // Restarted with the module server down, the gateway serves from its cache.
+    drop(gateway);
+    modules.set("/serving.wasm", 503, b"down");
+    let gateway = start(&["run", "--config", config.to_str().unwrap()]);
+    assert!(serves(&gateway));
+    assert_eq!(
+        metric(gateway.admin, "wasm_cache_lookup_count{hit=\"true\"}"),
+        1
+    );
+}
+
+#[test]
+fn plugin_cache_prune_removes_unused_modules_or_all_of_them() {
+    let modules = ModuleServer::start();
+    let wasm = std::fs::read(plugin("add_header")).unwrap();
+    let mut other = wasm.clone();
+    other.extend_from_slice(b"\x00\x05\x04test");
+    modules.set("/a.wasm", 200, &wasm);
+    modules.set("/b.wasm", 200, &other);
+    let (a, b) = (sha256_hex(&wasm), sha256_hex(&other));
+    let dir = tempfile::tempdir().unwrap();
+    let cache = dir.path().join("cache");
+    let cache_dir = cache.to_str().unwrap();
+    let cache_cmd = |args: &[&str]| {
+        let mut all = vec!["plugin", "cache"];
+        all.extend_from_slice(args);
+        all.extend_from_slice(&["--cache-dir", cache_dir]);
+        run(&all)
+    };
+    for path in ["/a.wasm", "/b.wasm"] {
+        ok(run(&[
+            "plugin",
+            "pull",
+            &modules.url(path),
+            "--cache-dir",
+            cache_dir,
+        ]));
+    }
+    // A compiled artefact as the gateway's runtime names them.
+    let compiled = cache.join(format!("modules/{a}-0123456789abcdef.cwasm"));
+    std::fs::write(&compiled, b"compiled").unwrap();
+
+    let kept = ok(cache_cmd(&["prune", "--unused-for", "1h"]));
+    assert!(kept.contains("0 module(s) removed"), "{kept}");
+    let listed = ok(cache_cmd(&["ls"]));
+    assert!(listed.contains(&a) && listed.contains(&b), "{listed}");
+    let refused = cache_cmd(&["prune", "--unused-for", "soon"]);
+    assert!(!refused.status.success());
+    assert!(
+        String::from_utf8_lossy(&refused.stderr).contains("--unused-for"),
+        "{}",
+        String::from_utf8_lossy(&refused.stderr)
+    );
+
+    // Aged: both are past an hour; one is read again first, so only the other goes.
+    age_every_module(&cache);
+    let pulled = ok(run(&[
+        "plugin",
+        "pull",
+        &modules.url("/b.wasm"),
+        "--cache-dir",
+        cache_dir,
+    ]));
+    assert!(pulled.contains("(from the cache)"), "{pulled}");
+    let pruned = ok(cache_cmd(&["prune", "--unused-for", "1h"]));
+    assert!(
+        pruned.contains(&format!("removed {a}")) && pruned.contains("1 module(s) removed"),
+        "{pruned}"
+    );
+    assert!(!compiled.exists(), "its compiled artefact went with it");
+    let listed = ok(cache_cmd(&["ls"]));
+    assert!(!listed.contains(&a) && listed.contains(&b), "{listed}");
+
+    // Without --unused-for, everything goes.
+    let pruned = ok(cache_cmd(&["prune"]));
+    assert!(
+        pruned.contains(&format!("removed {b}")) && pruned.contains("1 module(s) removed"),
+        "{pruned}"
+    );
+    assert!(ok(cache_cmd(&["ls"])).contains("is empty"));
 }

@@ -225,6 +225,9 @@ pub enum Reply {
     Raw(Vec<u8>),
     /// 200 with the body, after a pause.
     Slow(Duration, Vec<u8>),
+    /// The status (with a short body) while the counter is above zero, counting it down; then 200
+    /// with the body. See [`ModuleServer::flaky`].
+    Flaky(Arc<std::sync::atomic::AtomicUsize>, u16, Vec<u8>),
 }
 
 type Routes = Arc<Mutex<std::collections::HashMap<String, Reply>>>;
@@ -266,6 +269,19 @@ impl ModuleServer {
                             (200, body)
                         }
                         Reply::Status(status, body) => (status, body),
+                        Reply::Flaky(failures, status, body) => {
+                            use std::sync::atomic::Ordering;
+                            let failing = failures
+                                .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| {
+                                    n.checked_sub(1)
+                                })
+                                .is_ok();
+                            if failing {
+                                (status, b"try again".to_vec())
+                            } else {
+                                (200, body)
+                            }
+                        }
                     };
                     let _ = write!(
                         stream,
@@ -285,6 +301,18 @@ impl ModuleServer {
 
     pub fn reply(&self, path: &str, reply: Reply) {
         self.routes.lock().insert(path.to_owned(), reply);
+    }
+
+    /// `path` answers `status` to its first `failures` requests, then 200 with `body`.
+    pub fn flaky(&self, path: &str, failures: usize, status: u16, body: &[u8]) {
+        self.reply(
+            path,
+            Reply::Flaky(
+                Arc::new(std::sync::atomic::AtomicUsize::new(failures)),
+                status,
+                body.to_vec(),
+            ),
+        );
     }
 
     pub fn url(&self, path: &str) -> String {
