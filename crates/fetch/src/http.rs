@@ -60,6 +60,12 @@ impl HttpFetcher {
         })
     }
 
+    /// The client itself: the guarded resolver, the redirect policy, the extra roots. OCI blob
+    /// downloads and token realm checks go through it too.
+    pub(crate) fn client(&self) -> &reqwest::Client {
+        &self.client
+    }
+
     /// GETs `url` with retries until `deadline`; returns the raw body (not unwrapped).
     pub async fn get(&self, url: &str, deadline: Instant) -> Result<Vec<u8>, FetchError> {
         let parsed = reqwest::Url::parse(url)

@@ -6,6 +6,11 @@
 //! `plugin.wasm` ("compat"), and Solo's artifact with exactly two layers, one of them the raw module.
 //! The v2 API is oci-client's; this module adds the SSRF guard, size caps, digest checks, layout
 //! detection and errors an operator can act on. `push` writes each layout, for tests and tooling.
+//!
+//! oci-client builds its own HTTP client, with no hook for a resolver or a redirect policy, so the
+//! requests that may leave the registry are not left to it: layers are downloaded with the guarded
+//! client module downloads use (registries redirect them to storage, wherever that is), and the
+//! token service a registry names is checked before oci-client asks it for a token.
 
 use std::io::Read as _;
 use std::path::Path;
@@ -110,6 +115,8 @@ pub struct Registry {
     attempt_timeout: Duration,
     deadline: Duration,
     progress: Option<crate::ProgressFn>,
+    /// The guarded client ([`crate::http::HttpFetcher`]'s) for layers and the token realm check.
+    http: reqwest::Client,
 }
 
 impl std::fmt::Debug for Registry {
@@ -195,6 +202,10 @@ impl Registry {
             attempt_timeout: options.attempt_timeout,
             deadline: options.deadline,
             progress: options.progress.clone(),
+            http: crate::http::HttpFetcher::new(options)
+                .map_err(|e| FetchError::new(&url, e.kind, e.message))?
+                .client()
+                .clone(),
         })
     }
 
@@ -292,12 +303,18 @@ impl Registry {
         }
         let mut buffer = CappedBuffer::new(max_size);
         buffer.progress = self.progress.clone().map(|p| (p, layer.size));
-        // The token (if any) comes from oci-client's cache, or is fetched with the stored auth.
-        let pulled = tokio::time::timeout(
-            self.deadline,
-            self.client
-                .pull_blob(&image, layer.digest.as_str(), &mut buffer),
-        )
+        let what = format!("layer {}", layer.digest);
+        let pulled = tokio::time::timeout(self.deadline, async {
+            // The token oci-client gets (and caches) with the stored auth; none when the registry
+            // asks for Basic, or for nothing.
+            let token = self
+                .client
+                .auth(&image, &self.auth, RegistryOperation::Pull)
+                .await
+                .map_err(|e| self.describe(&e, &what))?;
+            self.download_blob(&image, &layer.digest, token.as_deref(), &mut buffer, &what)
+                .await
+        })
         .await;
         match pulled {
             Err(_) => {
@@ -312,15 +329,11 @@ impl Registry {
                     layer.digest
                 )));
             }
-            Ok(Err(error)) => {
-                return Err(download(
-                    self.describe(&error, &format!("layer {}", layer.digest)),
-                ));
-            }
+            Ok(Err(message)) => return Err(download(message)),
             Ok(Ok(())) => {}
         }
         let data = buffer.data;
-        // oci-client checks the digest while streaming; check again, it is the whole point.
+        // Checked on the whole layer: it is the whole point of a digest.
         let actual = sha256_digest(&data);
         if actual != layer.digest {
             return Err(download(format!(
@@ -424,6 +437,104 @@ impl Registry {
         }
     }
 
+    /// GETs a blob with the guarded client into `buffer`, following the registry's redirects
+    /// (never into link-local or metadata addresses). Cross-host redirects drop the
+    /// `Authorization` header, as oci-client's would.
+    async fn download_blob(
+        &self,
+        image: &oci_client::Reference,
+        digest: &str,
+        token: Option<&str>,
+        buffer: &mut CappedBuffer,
+        what: &str,
+    ) -> Result<(), String> {
+        use tokio::io::AsyncWriteExt as _;
+        let scheme = if self.insecure { "http" } else { "https" };
+        let url = format!(
+            "{scheme}://{}/v2/{}/blobs/{digest}",
+            image.resolve_registry(),
+            image.repository()
+        );
+        let request = self.http.get(&url);
+        let request = match (token, &self.auth) {
+            (Some(token), _) => request.bearer_auth(token),
+            (None, RegistryAuth::Bearer(token)) => request.bearer_auth(token),
+            (None, RegistryAuth::Basic(username, password)) => {
+                request.basic_auth(username, Some(password))
+            }
+            (None, RegistryAuth::Anonymous) => request,
+        };
+        let registry = &self.registry;
+        let mut response = request
+            .send()
+            .await
+            .map_err(|e| format!("cannot get {what} from registry {registry}: {}", chain(&e)))?;
+        let status = response.status();
+        match status.as_u16() {
+            200..=299 => {}
+            401 => return Err(self.refused("401", what)),
+            403 => return Err(self.refused("403", what)),
+            404 => return Err(format!("{what} is missing from registry {registry} (404)")),
+            _ => return Err(format!("registry {registry} answered {status} for {what}")),
+        }
+        while let Some(chunk) = response
+            .chunk()
+            .await
+            .map_err(|e| format!("{what} from registry {registry} broke off: {}", chain(&e)))?
+        {
+            buffer
+                .write_all(&chunk)
+                .await
+                .map_err(|e| format!("{what}: {e}"))?;
+        }
+        Ok(())
+    }
+
+    /// Refuses a token service that is a link-local or metadata address, as the registry's own
+    /// address is refused. oci-client asks the realm a registry's `WWW-Authenticate` names for
+    /// tokens with its own client; this asks `/v2/` first with the guarded one and checks the
+    /// realm it names. (oci-client resolves the name again: a DNS answer that changes between
+    /// the two is not caught here.) A registry that cannot be asked is left to the requests that
+    /// follow, which report it in their words.
+    async fn check_token_realm(
+        &self,
+        image: &oci_client::Reference,
+        url: &str,
+    ) -> Result<(), FetchError> {
+        let scheme = if self.insecure { "http" } else { "https" };
+        let probe = format!("{scheme}://{}/v2/", image.resolve_registry());
+        let Ok(Ok(response)) =
+            tokio::time::timeout(self.attempt_timeout, self.http.get(&probe).send()).await
+        else {
+            return Ok(());
+        };
+        let Some(realm) = response
+            .headers()
+            .get_all(reqwest::header::WWW_AUTHENTICATE)
+            .iter()
+            .filter_map(|value| value.to_str().ok())
+            .find_map(bearer_realm)
+        else {
+            return Ok(());
+        };
+        let Ok(parsed) = reqwest::Url::parse(&realm) else {
+            return Ok(());
+        };
+        let (Some(host), Some(port)) = (parsed.host_str(), parsed.port_or_known_default()) else {
+            return Ok(());
+        };
+        net::check_host(host, port).await.map_err(|reason| {
+            FetchError::new(
+                url,
+                FetchErrorKind::DownloadFailure,
+                format!(
+                    "registry {} names its token service {realm}: {reason}",
+                    self.registry
+                ),
+            )
+        })
+    }
+
     /// Checks `reference` is for this registry and its address is allowed; returns oci-client's
     /// reference with the registry's credentials stored.
     async fn prepare(&self, reference: &OciReference) -> Result<oci_client::Reference, FetchError> {
@@ -443,6 +554,7 @@ impl Registry {
         net::check_host(&host, port)
             .await
             .map_err(|message| FetchError::new(&url, FetchErrorKind::DownloadFailure, message))?;
+        self.check_token_realm(&image, &url).await?;
         self.client
             .store_auth_if_needed(image.resolve_registry(), &self.auth)
             .await;
@@ -462,18 +574,22 @@ impl Registry {
             .map(drop)
     }
 
+    /// The registry said no (`status`) to `what`: the credentials, or their absence.
+    fn refused(&self, status: &str, what: &str) -> String {
+        let registry = &self.registry;
+        if self.has_credentials {
+            format!("registry {registry} refused the credentials ({status}) for {what}")
+        } else {
+            format!(
+                "registry {registry} requires credentials ({status}) for {what} and none were given: set an imagePullSecret"
+            )
+        }
+    }
+
     /// A sentence about `error`, met while getting `what`.
     fn describe(&self, error: &OciDistributionError, what: &str) -> String {
         let registry = &self.registry;
-        let refused = |status: &str| {
-            if self.has_credentials {
-                format!("registry {registry} refused the credentials ({status}) for {what}")
-            } else {
-                format!(
-                    "registry {registry} requires credentials ({status}) for {what} and none were given: set an imagePullSecret"
-                )
-            }
-        };
+        let refused = |status: &str| self.refused(status, what);
         match error {
             OciDistributionError::UnauthorizedError { .. } => refused("401"),
             OciDistributionError::AuthenticationFailure(reason) => {
@@ -1037,6 +1153,44 @@ fn host_port(registry: &str, insecure: bool) -> (String, u16) {
     }
 }
 
+/// The `realm` of a `Bearer` challenge in a `WWW-Authenticate` value, unquoted.
+fn bearer_realm(challenge: &str) -> Option<String> {
+    let (scheme, params) = challenge.trim().split_once(char::is_whitespace)?;
+    if !scheme.eq_ignore_ascii_case("bearer") {
+        return None;
+    }
+    let mut rest = params.trim_start();
+    while !rest.is_empty() {
+        let (name, after) = rest.split_once('=')?;
+        let name = name.trim().trim_start_matches(',').trim();
+        let after = after.trim_start();
+        let (value, remainder) = if let Some(quoted) = after.strip_prefix('"') {
+            let mut value = String::new();
+            let mut chars = quoted.char_indices();
+            let mut end = None;
+            while let Some((i, c)) = chars.next() {
+                match c {
+                    '\\' => value.extend(chars.next().map(|(_, c)| c)),
+                    '"' => {
+                        end = Some(i + 1);
+                        break;
+                    }
+                    c => value.push(c),
+                }
+            }
+            (value, &quoted[end?..])
+        } else {
+            let end = after.find(',').unwrap_or(after.len());
+            (after[..end].trim().to_owned(), &after[end..])
+        };
+        if name.eq_ignore_ascii_case("realm") {
+            return Some(value);
+        }
+        rest = remainder.trim_start().trim_start_matches(',').trim_start();
+    }
+    None
+}
+
 /// An error and its sources, without repeating a source its parent already quoted.
 fn chain(error: &dyn std::error::Error) -> String {
     let mut text = error.to_string();
@@ -1212,6 +1366,25 @@ mod tests {
         let (kind, message) = extract_plugin(module, 1024).unwrap_err();
         assert_eq!(kind, FetchErrorKind::FetchFailure);
         assert!(message.contains("gzip"), "{message}");
+    }
+
+    #[test]
+    fn reads_the_realm_of_a_bearer_challenge() {
+        assert_eq!(
+            bearer_realm(r#"Bearer realm="https://auth.example/token",service="registry""#)
+                .as_deref(),
+            Some("https://auth.example/token")
+        );
+        assert_eq!(
+            bearer_realm(r#"bearer service="r", realm="http://169.254.169.254/t\"x""#).as_deref(),
+            Some(r#"http://169.254.169.254/t"x"#)
+        );
+        assert_eq!(
+            bearer_realm("Bearer realm=http://h/t, scope=x").as_deref(),
+            Some("http://h/t")
+        );
+        assert_eq!(bearer_realm(r#"Basic realm="registry""#), None);
+        assert_eq!(bearer_realm(r#"Bearer service="r""#), None);
     }
 
     #[tokio::test]

@@ -540,6 +540,64 @@ async fn push_raw_image(
         .unwrap_or_else(|e| panic!("pushing {image}: {e}; registry log:\n{}", registry.log()));
 }
 
+/// oci-client's own HTTP client has no resolver or redirect hooks: layers come through the guarded
+/// client, and a token realm is checked before oci-client asks it.
+#[tokio::test]
+async fn blob_redirects_and_token_realms_into_metadata_addresses_are_refused() {
+    for base_url in [
+        "http://169.254.169.254/",
+        "http://metadata.google.internal/",
+    ] {
+        let registry = TestRegistry::start(Mode::RedirectingBlobs {
+            base_url: base_url.into(),
+        })
+        .await;
+        let image = reference(&registry, "redirect/p:v1");
+        let options = insecure(&registry);
+        let client = Registry::new(&image, &options, None).unwrap();
+        client
+            .push(&image, &test_module("redirect"), ImageVariant::Artifact)
+            .await
+            .unwrap();
+        let manifest = client.resolve(&image).await.unwrap();
+        let error = client.module(&image, &manifest, 1 << 20).await.unwrap_err();
+        assert_error(
+            &error,
+            FetchErrorKind::DownloadFailure,
+            &[
+                "link-local or cloud metadata",
+                &manifest.layer_digest()[..20],
+            ],
+        );
+    }
+
+    let key = rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).unwrap();
+    let cert = rcgen::CertificateParams::new(vec!["token-issuer".to_owned()])
+        .unwrap()
+        .self_signed(&key)
+        .unwrap();
+    let registry = TestRegistry::start(Mode::Token {
+        realm: "http://169.254.169.254/token".into(),
+        service: "wasmgate-test".into(),
+        issuer: "wasmgate-test".into(),
+        root_cert_pem: cert.pem(),
+    })
+    .await;
+    let image = reference(&registry, "realm/p:v1");
+    let dir = tempfile::tempdir().unwrap();
+    let fetcher = fetcher(dir.path(), insecure(&registry));
+    let error = fetcher
+        .fetch(request(&image.to_string()))
+        .await
+        .unwrap_err();
+    assert_error(
+        &error,
+        FetchErrorKind::DownloadFailure,
+        &["token service http://169.254.169.254/token", "link-local"],
+    );
+    assert_eq!(fetcher.metrics().remote_fetch_count("download_failure"), 1);
+}
+
 /// Istio's pull policies through the [`wasmgate_fetch::Fetcher`]: `:latest` asks the registry each
 /// time and reuses the cached module while the digest holds; a pinned tag is served from the
 /// cache; a `sha256` is the manifest digest.

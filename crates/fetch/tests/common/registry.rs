@@ -31,6 +31,9 @@ pub enum Mode {
         issuer: String,
         root_cert_pem: String,
     },
+    /// Plain HTTP, anonymous, answering blob downloads with a redirect to `base_url` (the
+    /// registry's `redirect` storage middleware, as a registry on S3 or GCS redirects to them).
+    RedirectingBlobs { base_url: String },
 }
 
 pub struct TestRegistry {
@@ -89,6 +92,11 @@ impl TestRegistry {
                 extra.push_str(&format!(
                     "auth:\n  token:\n    realm: {realm}\n    service: {service}\n    issuer: {issuer}\n    rootcertbundle: {}\n",
                     path.display()
+                ));
+            }
+            Mode::RedirectingBlobs { base_url } => {
+                extra.push_str(&format!(
+                    "middleware:\n  storage:\n    - name: redirect\n      options:\n        baseurl: {base_url}\n"
                 ));
             }
             Mode::Tls => {
