@@ -574,13 +574,19 @@ fn place_plugin(
     previous: &[Slot],
     control: &Control,
 ) -> anyhow::Result<Slot> {
-    // A failed one too, and one whose new version failed while the earlier one serves: each
-    // keeps its place in the background retries, and its failure is not logged again.
+    // A failed one too, and one whose new version failed while the earlier one serves: neither
+    // is logged again. What made the reload (a pull secret that arrived, say) may be what it
+    // lacked, so the background retries it at once, from the first backoff.
     let unchanged = previous.iter().find(|s| {
         s.listener == listener && s.chain == chain && s.spec == plugin && same_local_module(s)
     });
     if let Some(unchanged) = unchanged {
-        return Ok(unchanged.clone());
+        let mut slot = unchanged.clone();
+        if slot.needs_retry() {
+            slot.retries = 0;
+            slot.next_retry = Instant::now();
+        }
+        return Ok(slot);
     }
     let state = load_plugin(&plugin, control)?;
     let earlier = previous.iter().find(|s| {

@@ -1152,3 +1152,74 @@ fn plugin_cache_prune_removes_unused_modules_or_all_of_them() {
     );
     assert!(ok(cache_cmd(&["ls"])).contains("is empty"));
 }
+
+#[test]
+fn a_pull_secret_that_arrives_later_is_used_at_once() {
+    let io = tokio();
+    let (user, password) = ("late-user", "late-pass");
+    let locked = io.block_on(TestRegistry::start(Mode::Htpasswd {
+        username: user.into(),
+        password: password.into(),
+    }));
+    let wasm = plugin("add_header");
+    let reference = format!("oci://{}/private/late:v1", locked.address);
+    ok(wasmgate()
+        .args(["plugin", "push", wasm.to_str().unwrap(), &reference])
+        .args(["--insecure-registry", &locked.address, "--username", user])
+        .env("WASMGATE_REGISTRY_PASSWORD", password)
+        .output()
+        .unwrap());
+    let dir = tempfile::tempdir().unwrap();
+    let secrets = dir.path().join("secrets");
+    std::fs::create_dir(&secrets).unwrap();
+    let plugins = dir.path().join("plugins.d");
+    std::fs::create_dir(&plugins).unwrap();
+    std::fs::write(
+        plugins.join("p.yaml"),
+        manifest(
+            "late",
+            &reference,
+            "x-late",
+            "  imagePullSecret: late-secret\n",
+        ),
+    )
+    .unwrap();
+    // The background retry is an hour away: only the reload the secret causes can load it.
+    let yaml = gateway_yaml(
+        upstream(Duration::ZERO),
+        &listener("main", "      []\n"),
+        &format!(
+            "plugins_dir: plugins.d\npull_secrets_dir: secrets\ninsecure_registries: [\"{}\"]\nmodule_cache: {{ dir: cache }}\nmodule_fetch: {{ retry_initial_backoff: 1h }}\n",
+            locked.address
+        ),
+    );
+    let config = dir.path().join("gateway.yaml");
+    std::fs::write(&config, yaml).unwrap();
+    let gateway = start_capturing(wasmgate().args(["run", "--config", config.to_str().unwrap()]));
+    let main = gateway.listener("main");
+    let (status, answer) = get(main, "/", "");
+    assert_eq!(status, 403, "FAIL_CLOSE without its module: {answer}");
+
+    replace_file(
+        &secrets.join("late-secret"),
+        &format!(
+            r#"{{"auths": {{"{}": {{"username": "{user}", "password": "{password}"}}}}}}"#,
+            locked.address
+        ),
+    );
+    assert!(
+        eventually(Duration::from_secs(10), || {
+            let (status, answer) = get(main, "/", "");
+            status == 200 && header(&answer, "x-late") == Some("late")
+        }),
+        "the plugin loaded once its secret arrived; log:\n{}",
+        gateway.stderr.lock()
+    );
+    let logs = gateway.stderr.lock().clone();
+    assert_eq!(
+        lines_with(&logs, &["cannot load the plugin's module", "late-secret"]).len(),
+        1,
+        "the failure was logged once: {logs}"
+    );
+    assert!(!logs.contains(password), "{logs}");
+}
