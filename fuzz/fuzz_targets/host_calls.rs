@@ -650,12 +650,15 @@ impl Run {
         };
         self.stream = stream;
         if let Some(data) = self.vm.stream_mut(stream) {
-            data.request_headers = Some(HeaderMap::from_pairs([
-                (":method", "GET"),
-                (":path", "/path?query=1"),
-                (":authority", "example.com"),
-                ("content-length", "4"),
-            ]));
+            data.request_headers = Some(
+                HeaderMap::from_pairs([
+                    (":method", "GET"),
+                    (":path", "/path?query=1"),
+                    (":authority", "example.com"),
+                    ("content-length", "4"),
+                ])
+                .into(),
+            );
             data.request_body = Some(b"body".to_vec());
             data.info = stream_info();
         }
@@ -1000,7 +1003,11 @@ impl Run {
         let context = self.context(u)?;
         let which = u.int_in_range(0..=7u8)?;
         let present = !u.ratio(1, 4)?;
-        let map = if present { Some(header_map(u)?) } else { None };
+        let map = if present {
+            Some(header_map(u)?.into())
+        } else {
+            None
+        };
         let bytes = present.then(|| take(u, 48).to_vec());
         let Some(stream) = self.vm.stream_mut(context) else {
             return Ok(());

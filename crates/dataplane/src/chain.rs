@@ -11,7 +11,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use wasmgate_abi::{Action, HeaderMap, LocalResponse, StreamInfo, StreamType};
-use wasmgate_runtime::{Runtime, Vm, VmError};
+use wasmgate_runtime::{Runtime, SharedHeaders, Vm, VmError};
 
 use crate::host::ClusterNames;
 use crate::plugin_vm::{PluginVm, WorkerPlugin, spawn_unary_calls};
@@ -506,52 +506,51 @@ impl Chain {
         vm.stream_mut(context).map(f)
     }
 
-    /// Request or response headers through the chain.
+    /// Request or response headers through the chain. Every plugin's stream gets the same map,
+    /// as Envoy's filters share one: no copy in or out.
     pub async fn headers(
         &mut self,
         direction: Direction,
-        headers: &mut HeaderMap,
+        headers: &SharedHeaders,
         end_of_stream: bool,
         through: Option<usize>,
     ) -> Flow<()> {
-        fn slot(
-            stream: &mut wasmgate_runtime::StreamData,
-            direction: Direction,
-        ) -> &mut Option<HeaderMap> {
-            match direction {
-                Direction::Request => &mut stream.request_headers,
-                Direction::Response => &mut stream.response_headers,
-            }
-        }
         for index in self.visits(direction, through) {
             let stage = &self.stages[index];
             let Some(context) = stage.context else {
                 continue;
             };
+            // A FAIL_OPEN plugin that fails in this callback is skipped, and the headers must go
+            // on as they were before it: the one case that needs a copy.
+            let before = (stage.plugin.spec.failure_policy == FailurePolicy::FailOpen)
+                .then(|| headers.snapshot());
             {
                 let mut vm = stage.plugin.vm.borrow_mut();
                 let Some(stream) = vm.stream_mut(context) else {
                     continue;
                 };
-                // The stream keeps the map for later callbacks (`on_log` reads it, say), and the
-                // gateway needs it after the callback: one copy. The map moves in and is copied
-                // out, except under FAIL_OPEN, where a plugin that fails in this callback is
-                // skipped and the map must go on as it was before the callback.
-                *slot(stream, direction) = Some(match stage.plugin.spec.failure_policy {
-                    FailurePolicy::FailOpen => headers.clone(),
-                    _ => std::mem::take(headers),
-                });
+                let slot = match direction {
+                    Direction::Request => &mut stream.request_headers,
+                    Direction::Response => &mut stream.response_headers,
+                };
+                if !slot.as_ref().is_some_and(|shared| shared.same(headers)) {
+                    *slot = Some(headers.clone());
+                }
             }
             let action = self.call(index, direction, |vm, ctx| match direction {
                 Direction::Request => vm.on_request_headers(ctx, end_of_stream),
                 Direction::Response => vm.on_response_headers(ctx, end_of_stream),
-            })?;
-            if !action.is_continue() {
-                self.wait(index, direction).await?;
+            });
+            let waited = match action {
+                Ok(action) if !action.is_continue() => self.wait(index, direction).await,
+                other => other.map(drop),
+            };
+            if let Some(before) = before
+                && self.stages[index].context.is_none()
+            {
+                *headers.lock() = before;
             }
-            if let Some(Some(current)) = self.vm_stream(index, |s| slot(s, direction).clone()) {
-                *headers = current;
-            }
+            waited?;
         }
         Ok(())
     }
@@ -645,30 +644,35 @@ impl Chain {
     ) -> Flow<Vec<u8>> {
         let order = self.order(direction, through);
         let mut released = Vec::new();
+        // Shared by the plugins as the headers are (see `headers`); the gateway gets a copy back.
+        let shared = SharedHeaders::new(std::mem::take(trailers));
         for (position, &index) in order.iter().enumerate() {
-            let slot = |s: &mut wasmgate_runtime::StreamData| {
-                match direction {
+            let before = (self.stages[index].plugin.spec.failure_policy == FailurePolicy::FailOpen)
+                .then(|| shared.snapshot());
+            let install = |s: &mut wasmgate_runtime::StreamData| {
+                let slot = match direction {
                     Direction::Request => &mut s.request_trailers,
                     Direction::Response => &mut s.response_trailers,
-                }
-                .replace(trailers.clone())
+                };
+                *slot = Some(shared.clone());
             };
-            if self.vm_stream(index, slot).is_none() {
+            if self.vm_stream(index, install).is_none() {
                 continue;
             }
             let action = self.call(index, direction, |vm, ctx| match direction {
                 Direction::Request => vm.on_request_trailers(ctx),
                 Direction::Response => vm.on_response_trailers(ctx),
-            })?;
-            if !action.is_continue() {
-                self.wait(index, direction).await?;
+            });
+            let waited = match action {
+                Ok(action) if !action.is_continue() => self.wait(index, direction).await,
+                other => other.map(drop),
+            };
+            if let Some(before) = before
+                && self.stages[index].context.is_none()
+            {
+                *shared.lock() = before;
             }
-            if let Some(Some(current)) = self.vm_stream(index, |s| match direction {
-                Direction::Request => s.request_trailers.clone(),
-                Direction::Response => s.response_trailers.clone(),
-            }) {
-                *trailers = current;
-            }
+            waited?;
             // A body this plugin held goes on to the plugins after it, before the trailers.
             if let Some(held) = self.stages[index].held.take() {
                 let rest = &order[position + 1..];
@@ -676,6 +680,7 @@ impl Chain {
                 released.extend(passed);
             }
         }
+        *trailers = shared.snapshot();
         Ok(released)
     }
 

@@ -12,6 +12,7 @@ use http_body_util::BodyExt;
 use hyper::body::{Frame, Incoming};
 use tokio::sync::mpsc;
 use wasmgate_abi::{HeaderMap, LocalResponse, StreamInfo};
+use wasmgate_runtime::SharedHeaders;
 
 use crate::body::{BoxError, GatewayBody};
 use crate::chain::{Chain, Direction, Flow, Halt, Plugin};
@@ -221,7 +222,8 @@ async fn proxy(
         Err(Halt::Status { code, details }) if grpc => return grpc_status(code, details),
         Err(halt) => return gateway_status(halt),
     };
-    match forward(listener, &routes, &mut chain, &mut headers, &mut body).await {
+    let headers = SharedHeaders::new(headers);
+    match forward(listener, &routes, &mut chain, &headers, &mut body).await {
         Ok(Forwarded::Upstream(response)) => respond(&mut chain, response).await,
         Ok(Forwarded::Direct(map, bytes)) => finish_direct(chain, map, bytes).await,
         Err(Halt::Status { code, details }) if grpc && details == "wasm_fail_stream" => {
@@ -268,7 +270,7 @@ async fn forward(
     listener: &ListenerState,
     routes: &[RouteSpec],
     chain: &mut Chain,
-    headers: &mut HeaderMap,
+    headers: &SharedHeaders,
     body: &mut Incoming,
 ) -> Flow<Forwarded> {
     let end_after_headers = body.is_end_stream();
@@ -276,7 +278,7 @@ async fn forward(
         .headers(Direction::Request, headers, end_after_headers, None)
         .await?;
     // Routes are chosen on the headers as the plugins left them.
-    let Some(route) = route(routes, headers) else {
+    let Some(route) = route(routes, &headers.lock()) else {
         return Ok(Forwarded::Direct(status_map(404, false), Vec::new()));
     };
     let cluster = match &route.action {
@@ -415,7 +417,7 @@ impl Upstream {
         &mut self,
         listener: &ListenerState,
         cluster: &str,
-        headers: &HeaderMap,
+        headers: &SharedHeaders,
         timeout: Option<std::time::Duration>,
         known_length: Option<usize>,
         keep_length: bool,
@@ -424,8 +426,9 @@ impl Upstream {
         if self.task.is_some() || self.error.is_some() {
             return;
         }
-        // Copied only when the length fields change.
-        let mut map = std::borrow::Cow::Borrowed(headers);
+        // Copied only when the length fields change: the plugins' view stays as they left it.
+        let headers = headers.lock();
+        let mut map = std::borrow::Cow::Borrowed(&*headers);
         match known_length {
             // The whole body is known: its real length, whatever the plugins did to it.
             Some(0) if no_body => {}
@@ -493,16 +496,13 @@ fn status_map(status: u16, text_body: bool) -> HeaderMap {
 /// plugins rewrote as a whole gets its true content-length.
 async fn respond(chain: &mut Chain, response: Response<Incoming>) -> Response<GatewayBody> {
     let (parts, mut body) = response.into_parts();
-    let mut map = convert::response_map(&parts);
+    let shared = SharedHeaders::new(convert::response_map(&parts));
     let eos = body.is_end_stream();
-    if let Err(halt) = chain
-        .headers(Direction::Response, &mut map, eos, None)
-        .await
-    {
+    if let Err(halt) = chain.headers(Direction::Response, &shared, eos, None).await {
         return response_halt(halt);
     }
     if eos {
-        return convert::response_from_map(&map, GatewayBody::empty());
+        return convert::response_from_map(&shared.lock(), GatewayBody::empty());
     }
     let touches = chain.touches_body(Direction::Response);
     let mut pump = Pump {
@@ -513,6 +513,8 @@ async fn respond(chain: &mut Chain, response: Response<Incoming>) -> Response<Ga
     if let Err(halt) = pump.step(chain, &mut body).await {
         return response_halt(halt);
     }
+    // Not held across an await: the plugins' host calls would find the map locked.
+    let mut map = shared.lock();
     if pump.finished && pump.trailers.is_none() {
         map.replace("content-length", pump.first.len().to_string());
         return convert::response_from_map(
@@ -671,8 +673,9 @@ async fn run_through(
         return convert::response_from_map(&map, GatewayBody::full(body));
     }
     let eos = body.is_empty();
+    let shared = SharedHeaders::new(map);
     if let Err(halt) = chain
-        .headers(Direction::Response, &mut map, eos, through)
+        .headers(Direction::Response, &shared, eos, through)
         .await
     {
         return response_halt(halt);
@@ -685,6 +688,7 @@ async fn run_through(
             Err(halt) => return response_halt(halt),
         }
     };
+    let mut map = shared.lock();
     map.replace("content-length", out.len().to_string());
     convert::response_from_map(&map, GatewayBody::full(out))
 }

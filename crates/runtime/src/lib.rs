@@ -29,6 +29,6 @@ pub use guard::Capabilities;
 pub use imports::wasi::ProcExit;
 pub use imports::{host_functions, is_wasi_stub};
 pub use module::{CALLBACKS, CompiledModule, ModuleInfo};
-pub use state::{PluginConfig, StreamData};
+pub use state::{PluginConfig, SharedHeaders, StreamData};
 pub use vm::{CallOutcome, Vm, VmConfig};
 pub use wasmgate_abi as abi;

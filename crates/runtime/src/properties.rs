@@ -6,7 +6,9 @@ use std::time::SystemTime;
 
 use wasmgate_abi::{HeaderMap, PropertyValue, StreamInfo};
 
-use crate::state::{Context, VmState};
+use parking_lot::MutexGuard;
+
+use crate::state::{Context, SharedHeaders, VmState};
 
 /// Splits a guest's property path: segments joined by NUL, no trailing NUL.
 pub(crate) fn split_path(path: &[u8]) -> Vec<&[u8]> {
@@ -37,10 +39,8 @@ fn string(value: &Option<String>) -> Option<PropertyValue> {
     value.as_ref().map(|v| PropertyValue::string(v.clone()))
 }
 
-fn header(map: &Option<HeaderMap>, name: &str) -> Option<PropertyValue> {
-    map.as_ref()?
-        .get(name)
-        .map(|v| PropertyValue::Bytes(v.to_vec()))
+fn header(map: Option<&HeaderMap>, name: &str) -> Option<PropertyValue> {
+    map?.get(name).map(|v| PropertyValue::Bytes(v.to_vec()))
 }
 
 /// A header map as Envoy's attribute map: one entry per name, repeated values comma-joined.
@@ -59,8 +59,8 @@ fn header_map(map: &HeaderMap) -> Vec<(Vec<u8>, Vec<u8>)> {
 }
 
 /// A map attribute, or one of its entries when the path goes one level deeper.
-fn map_or_entry(map: &Option<HeaderMap>, rest: &[&[u8]]) -> Option<PropertyValue> {
-    let entries = header_map(map.as_ref()?);
+fn map_or_entry(map: Option<&HeaderMap>, rest: &[&[u8]]) -> Option<PropertyValue> {
+    let entries = header_map(map?);
     match rest {
         [] => Some(PropertyValue::Map(entries)),
         [key] => entries
@@ -73,8 +73,9 @@ fn map_or_entry(map: &Option<HeaderMap>, rest: &[&[u8]]) -> Option<PropertyValue
 
 fn request(context: &Context, rest: &[&[u8]]) -> Option<PropertyValue> {
     let stream = &context.stream;
-    let headers = &stream.request_headers;
-    let path = || headers.as_ref()?.get(":path").map(<[u8]>::to_vec);
+    let guard = locked(&stream.request_headers);
+    let headers = guard.as_deref();
+    let path = || headers?.get(":path").map(<[u8]>::to_vec);
     let (name, deeper) = rest.split_first()?;
     if *name == b"headers" {
         return map_or_entry(headers, deeper);
@@ -121,20 +122,18 @@ fn request(context: &Context, rest: &[&[u8]]) -> Option<PropertyValue> {
             .info
             .request_total_size
             .map(|v| PropertyValue::Int(v as i64)),
-        b"headers_bytes" => headers
-            .as_ref()
-            .map(|h| PropertyValue::Int(headers_bytes(h))),
+        b"headers_bytes" => headers.map(|h| PropertyValue::Int(headers_bytes(h))),
         _ => None,
     }
 }
 
-fn content_length(headers: &Option<HeaderMap>) -> Option<u64> {
-    headers
-        .as_ref()?
-        .get_str("content-length")?
-        .trim()
-        .parse()
-        .ok()
+/// A stream map for reading; `None` when absent (or, never in practice, locked by the caller).
+fn locked(slot: &Option<SharedHeaders>) -> Option<MutexGuard<'_, HeaderMap>> {
+    slot.as_ref()?.try_lock()
+}
+
+fn content_length(headers: Option<&HeaderMap>) -> Option<u64> {
+    headers?.get_str("content-length")?.trim().parse().ok()
 }
 
 fn headers_bytes(map: &HeaderMap) -> i64 {
@@ -143,24 +142,27 @@ fn headers_bytes(map: &HeaderMap) -> i64 {
 
 fn response(context: &Context, rest: &[&[u8]]) -> Option<PropertyValue> {
     let stream = &context.stream;
-    let headers = &stream.response_headers;
+    let guard = locked(&stream.response_headers);
+    let headers = guard.as_deref();
+    let trailers_guard = locked(&stream.response_trailers);
+    let trailers = trailers_guard.as_deref();
     let (name, deeper) = rest.split_first()?;
     match *name {
         b"headers" => return map_or_entry(headers, deeper),
-        b"trailers" => return map_or_entry(&stream.response_trailers, deeper),
+        b"trailers" => return map_or_entry(trailers, deeper),
         _ if !deeper.is_empty() => return None,
         _ => {}
     }
     match *name {
         b"code" => {
-            let code: i64 = headers.as_ref()?.get_str(":status")?.parse().ok()?;
+            let code: i64 = headers?.get_str(":status")?.parse().ok()?;
             Some(PropertyValue::Int(code))
         }
         b"grpc_status" => {
-            let from = |map: &Option<HeaderMap>| -> Option<i64> {
-                map.as_ref()?.get_str("grpc-status")?.parse().ok()
+            let from = |map: Option<&HeaderMap>| -> Option<i64> {
+                map?.get_str("grpc-status")?.parse().ok()
             };
-            from(&stream.response_trailers)
+            from(trailers)
                 .or_else(|| from(headers))
                 .map(PropertyValue::Int)
         }
@@ -178,9 +180,7 @@ fn response(context: &Context, rest: &[&[u8]]) -> Option<PropertyValue> {
             .info
             .response_total_size
             .map(|v| PropertyValue::Int(v as i64)),
-        b"headers_bytes" => headers
-            .as_ref()
-            .map(|h| PropertyValue::Int(headers_bytes(h))),
+        b"headers_bytes" => headers.map(|h| PropertyValue::Int(headers_bytes(h))),
         _ => None,
     }
 }

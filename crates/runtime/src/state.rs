@@ -7,6 +7,8 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::Duration;
 
+use parking_lot::{Mutex, MutexGuard};
+
 use wasmgate_abi::{HeaderMap, Host, LogLevel, StreamInfo};
 use wasmtime::{Memory, TypedFunc};
 
@@ -24,16 +26,58 @@ pub struct PluginConfig {
     pub configuration: Vec<u8>,
 }
 
+/// A header or trailer map that the gateway and every plugin of one stream share, as Envoy's
+/// filters share one map per stream: an edit one plugin makes is what the next plugin, the router
+/// and a later `on_log` see, and no callback copies the map in or out.
+///
+/// The lock is never contended (a stream lives on one worker thread); it is there because a VM,
+/// and so what it holds, must be `Send`. Host functions take it with `try_lock`: a re-entrant call
+/// (a guest allocator calling back into a map function) gets a status instead of a deadlock.
+#[derive(Debug, Clone, Default)]
+pub struct SharedHeaders(Arc<Mutex<HeaderMap>>);
+
+impl SharedHeaders {
+    pub fn new(map: HeaderMap) -> Self {
+        Self(Arc::new(Mutex::new(map)))
+    }
+
+    /// Never hold the guard across a call into a VM: the plugin's host calls would find the map
+    /// locked.
+    pub fn lock(&self) -> MutexGuard<'_, HeaderMap> {
+        self.0.lock()
+    }
+
+    pub(crate) fn try_lock(&self) -> Option<MutexGuard<'_, HeaderMap>> {
+        self.0.try_lock()
+    }
+
+    /// A copy of the map as it is now.
+    pub fn snapshot(&self) -> HeaderMap {
+        self.0.lock().clone()
+    }
+
+    /// Whether `other` is this same map (not an equal one).
+    pub fn same(&self, other: &Self) -> bool {
+        Arc::ptr_eq(&self.0, &other.0)
+    }
+}
+
+impl From<HeaderMap> for SharedHeaders {
+    fn from(map: HeaderMap) -> Self {
+        Self::new(map)
+    }
+}
+
 /// Per-stream data the embedder hands to the VM before a callback and reads back after it.
 ///
 /// `None` means "not available in this stream (yet)": reads then answer empty or NOT_FOUND and
 /// writes BAD_ARGUMENT, as Envoy answers outside a map's window.
 #[derive(Debug, Clone, Default)]
 pub struct StreamData {
-    pub request_headers: Option<HeaderMap>,
-    pub request_trailers: Option<HeaderMap>,
-    pub response_headers: Option<HeaderMap>,
-    pub response_trailers: Option<HeaderMap>,
+    pub request_headers: Option<SharedHeaders>,
+    pub request_trailers: Option<SharedHeaders>,
+    pub response_headers: Option<SharedHeaders>,
+    pub response_trailers: Option<SharedHeaders>,
     pub request_body: Option<Vec<u8>>,
     pub response_body: Option<Vec<u8>>,
     pub downstream_data: Option<Vec<u8>>,

@@ -386,7 +386,7 @@ impl Vm {
             .stream_or_err(context)?
             .request_headers
             .as_ref()
-            .map_or(0, HeaderMap::len) as u32;
+            .map_or(0, |map| map.lock().len()) as u32;
         self.headers_callback(
             callback!("proxy_on_request_headers"),
             context,
@@ -417,7 +417,7 @@ impl Vm {
             .stream_or_err(context)?
             .request_trailers
             .as_ref()
-            .map_or(0, HeaderMap::len) as u32;
+            .map_or(0, |map| map.lock().len()) as u32;
         self.action(
             callback!("proxy_on_request_trailers"),
             context,
@@ -434,7 +434,7 @@ impl Vm {
             .stream_or_err(context)?
             .response_headers
             .as_ref()
-            .map_or(0, HeaderMap::len) as u32;
+            .map_or(0, |map| map.lock().len()) as u32;
         self.headers_callback(
             callback!("proxy_on_response_headers"),
             context,
@@ -465,7 +465,7 @@ impl Vm {
             .stream_or_err(context)?
             .response_trailers
             .as_ref()
-            .map_or(0, HeaderMap::len) as u32;
+            .map_or(0, |map| map.lock().len()) as u32;
         self.action(
             callback!("proxy_on_response_trailers"),
             context,

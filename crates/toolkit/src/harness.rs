@@ -15,7 +15,8 @@ use wasmgate_abi::{
     LogRecord, Status, StreamInfo, StreamType,
 };
 use wasmgate_runtime::{
-    CallOutcome, CompiledModule, LoadError, PluginConfig, Runtime, Vm, VmConfig, VmError,
+    CallOutcome, CompiledModule, LoadError, PluginConfig, Runtime, SharedHeaders, Vm, VmConfig,
+    VmError,
 };
 
 /// Everything the plugin asked of the proxy, in the order it asked.
@@ -370,7 +371,7 @@ impl Harness {
 
         // Request path.
         let end_after_headers = !request.has_body() && request.trailers.is_none();
-        self.stream(ctx).request_headers = Some(request.headers.clone());
+        self.stream(ctx).request_headers = Some(request.headers.clone().into());
         let action = self.vm.on_request_headers(ctx, end_after_headers)?;
         exchange.actions.push(("on_request_headers", action));
         if let Some(done) = self.settle(
@@ -389,7 +390,7 @@ impl Harness {
         }
         let mut forwarded_trailers = None;
         if let Some(trailers) = &request.trailers {
-            self.stream(ctx).request_trailers = Some(trailers.clone());
+            self.stream(ctx).request_trailers = Some(trailers.clone().into());
             let action = self.vm.on_request_trailers(ctx)?;
             exchange.actions.push(("on_request_trailers", action));
             if let Some(done) = self.settle(
@@ -402,10 +403,19 @@ impl Harness {
             )? {
                 return Ok(done);
             }
-            forwarded_trailers = self.stream(ctx).request_trailers.clone();
+            forwarded_trailers = self
+                .stream(ctx)
+                .request_trailers
+                .as_ref()
+                .map(SharedHeaders::snapshot);
         }
         let sent = Message {
-            headers: self.stream(ctx).request_headers.clone().unwrap_or_default(),
+            headers: self
+                .stream(ctx)
+                .request_headers
+                .as_ref()
+                .map(SharedHeaders::snapshot)
+                .unwrap_or_default(),
             body: if forwarded_body.0.is_empty() {
                 vec![]
             } else {
@@ -427,7 +437,7 @@ impl Harness {
         marks: Marks,
     ) -> Result<Exchange, HarnessError> {
         let end_after_headers = !response.has_body() && response.trailers.is_none();
-        self.stream(ctx).response_headers = Some(response.headers.clone());
+        self.stream(ctx).response_headers = Some(response.headers.clone().into());
         let action = self.vm.on_response_headers(ctx, end_after_headers)?;
         exchange.actions.push(("on_response_headers", action));
         if let Some(done) = self.settle(
@@ -446,7 +456,7 @@ impl Harness {
         }
         let mut trailers = None;
         if let Some(original) = &response.trailers {
-            self.stream(ctx).response_trailers = Some(original.clone());
+            self.stream(ctx).response_trailers = Some(original.clone().into());
             let action = self.vm.on_response_trailers(ctx)?;
             exchange.actions.push(("on_response_trailers", action));
             if let Some(done) = self.settle(
@@ -459,13 +469,18 @@ impl Harness {
             )? {
                 return Ok(done);
             }
-            trailers = self.stream(ctx).response_trailers.clone();
+            trailers = self
+                .stream(ctx)
+                .response_trailers
+                .as_ref()
+                .map(SharedHeaders::snapshot);
         }
         exchange.response = Some(Message {
             headers: self
                 .stream(ctx)
                 .response_headers
-                .clone()
+                .as_ref()
+                .map(SharedHeaders::snapshot)
                 .unwrap_or_default(),
             body: if body.is_empty() { vec![] } else { vec![body] },
             trailers,

@@ -217,7 +217,8 @@ fn probe() -> Probe {
     let root = vm.start_plugin(plugin("probe", "")).unwrap();
     let ctx = vm.create_stream(root).unwrap();
     let stream = vm.stream_mut(ctx).unwrap();
-    stream.request_headers = Some(HeaderMap::from_pairs([(":path", "/"), (TEXT, "present")]));
+    stream.request_headers =
+        Some(HeaderMap::from_pairs([(":path", "/"), (TEXT, "present")]).into());
     stream.request_body = Some(b"body bytes".to_vec());
     Probe { vm, ctx, host }
 }
@@ -389,6 +390,7 @@ fn malformed_pair_buffers_get_bad_argument() {
             .request_headers
             .as_ref()
             .unwrap()
+            .snapshot()
             .get_str(TEXT),
         Some("present")
     );

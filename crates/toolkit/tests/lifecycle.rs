@@ -493,7 +493,7 @@ fn proc_exit_in_a_callback_fails_the_vm() {
     let (mut vm, host) = new_vm(&module);
     let root = vm.start_plugin(plugin("exiting", "")).unwrap();
     let stream = vm.create_stream(root).unwrap();
-    vm.stream_mut(stream).unwrap().request_headers = Some(HeaderMap::new());
+    vm.stream_mut(stream).unwrap().request_headers = Some(HeaderMap::new().into());
 
     let error = vm.on_request_headers(stream, true).unwrap_err();
     match &error {
@@ -711,7 +711,7 @@ fn abi_0_1_0_module_with_void_imports_and_two_argument_headers() {
 
     let stream = vm.create_stream(root).unwrap();
     vm.stream_mut(stream).unwrap().request_headers =
-        Some(HeaderMap::from_pairs([(":path", "/"), ("a", "b")]));
+        Some(HeaderMap::from_pairs([(":path", "/"), ("a", "b")]).into());
     let action = vm.on_request_headers(stream, true).unwrap();
     assert!(action.is_continue());
     let recorded = host.recorded.lock();
@@ -739,7 +739,7 @@ fn abi_0_1_0_on_response_headers_gets_two_arguments() {
     let root = vm.start_plugin(plugin("old", "")).unwrap();
     let stream = vm.create_stream(root).unwrap();
     vm.stream_mut(stream).unwrap().response_headers =
-        Some(HeaderMap::from_pairs([(":status", "200"), ("a", "b")]));
+        Some(HeaderMap::from_pairs([(":status", "200"), ("a", "b")]).into());
     vm.on_response_headers(stream, false).unwrap();
     assert_eq!(messages(&host), vec!["two headers"]);
 }
@@ -762,7 +762,7 @@ fn abi_0_2_0_is_told_apart_from_0_2_1() {
     let (mut vm, host) = new_vm(&module);
     let root = vm.start_plugin(plugin("p", "")).unwrap();
     let stream = vm.create_stream(root).unwrap();
-    vm.stream_mut(stream).unwrap().request_headers = Some(HeaderMap::new());
+    vm.stream_mut(stream).unwrap().request_headers = Some(HeaderMap::new().into());
     vm.on_request_headers(stream, true).unwrap();
     assert_eq!(messages(&host), vec!["end of stream"]);
 }

@@ -95,11 +95,14 @@ fn a_zero_limit_means_none_and_normal_plugins_run_under_the_default() {
     .unwrap();
     let root = vm.start_plugin(plugin("kitchen", "")).unwrap();
     let stream = vm.create_stream(root).unwrap();
-    vm.stream_mut(stream).unwrap().request_headers = Some(wasmgate_abi::HeaderMap::from_pairs([
-        (":method", "GET"),
-        (":path", "/"),
-        (":authority", "example.com"),
-    ]));
+    vm.stream_mut(stream).unwrap().request_headers = Some(
+        wasmgate_abi::HeaderMap::from_pairs([
+            (":method", "GET"),
+            (":path", "/"),
+            (":authority", "example.com"),
+        ])
+        .into(),
+    );
     vm.on_request_headers(stream, false).unwrap();
 }
 
@@ -255,13 +258,15 @@ fn outbound_calls_beyond_the_limit_are_refused() {
     for _ in 0..3 {
         let stream = vm.create_stream(root).unwrap();
         last = stream;
-        vm.stream_mut(stream).unwrap().request_headers =
-            Some(wasmgate_abi::HeaderMap::from_pairs([
+        vm.stream_mut(stream).unwrap().request_headers = Some(
+            wasmgate_abi::HeaderMap::from_pairs([
                 (":method", "GET"),
                 (":path", "/"),
                 (":authority", "example.com"),
                 ("x-mode", "http-call"),
-            ]));
+            ])
+            .into(),
+        );
         if vm.on_request_headers(stream, false).unwrap() == wasmgate_abi::Action::Pause {
             paused += 1;
         }
@@ -271,7 +276,13 @@ fn outbound_calls_beyond_the_limit_are_refused() {
         paused, 2,
         "the third call was refused, so that stream did not wait"
     );
-    let headers = vm.stream(last).unwrap().request_headers.as_ref().unwrap();
+    let headers = vm
+        .stream(last)
+        .unwrap()
+        .request_headers
+        .as_ref()
+        .unwrap()
+        .snapshot();
     assert_eq!(
         headers.get_str("x-kitchen-call-error"),
         Some("InternalFailure")

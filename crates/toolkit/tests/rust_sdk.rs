@@ -751,9 +751,16 @@ fn several_plugins_in_one_vm_and_several_vms() {
     let mut seen = Vec::new();
     for root in [first, second] {
         let ctx = vm.create_stream(root).unwrap();
-        vm.stream_mut(ctx).unwrap().request_headers = Some(HeaderMap::from_pairs([(":path", "/")]));
+        vm.stream_mut(ctx).unwrap().request_headers =
+            Some(HeaderMap::from_pairs([(":path", "/")]).into());
         assert_eq!(vm.on_request_headers(ctx, true).unwrap(), Action::Continue);
-        let headers = vm.stream(ctx).unwrap().request_headers.clone().unwrap();
+        let headers = vm
+            .stream(ctx)
+            .unwrap()
+            .request_headers
+            .as_ref()
+            .unwrap()
+            .snapshot();
         seen.push((
             headers.get_str("x-root-id").unwrap().to_owned(),
             headers.get_str("x-context-id").unwrap().to_owned(),
@@ -896,10 +903,8 @@ fn properties_with_envoy_names_and_encodings() {
 fn grpc_unary_call_round_trip() {
     let mut h = harness(&kitchen(), "");
     let ctx = h.vm.create_stream(h.root).unwrap();
-    h.vm.stream_mut(ctx).unwrap().request_headers = Some(HeaderMap::from_pairs([
-        (":path", "/"),
-        ("x-mode", "grpc-call"),
-    ]));
+    h.vm.stream_mut(ctx).unwrap().request_headers =
+        Some(HeaderMap::from_pairs([(":path", "/"), ("x-mode", "grpc-call")]).into());
     assert_eq!(h.vm.on_request_headers(ctx, true).unwrap(), Action::Pause);
     let (token, call) = {
         let recorded = h.host.recorded.lock();
@@ -916,7 +921,13 @@ fn grpc_unary_call_round_trip() {
     assert_eq!(call.timeout_ms, 1000);
     assert_eq!(call.initial_metadata.get_str("x-grpc-meta"), Some("1"));
     h.vm.on_grpc_receive(token, b"grpc pong".to_vec()).unwrap();
-    let headers = h.vm.stream(ctx).unwrap().request_headers.clone().unwrap();
+    let headers =
+        h.vm.stream(ctx)
+            .unwrap()
+            .request_headers
+            .as_ref()
+            .unwrap()
+            .snapshot();
     assert_eq!(headers.get_str("x-kitchen-grpc-message"), Some("grpc pong"));
     assert_eq!(headers.get_str("x-kitchen-grpc-status"), Some("0"));
     assert!(
@@ -941,10 +952,8 @@ fn grpc_unary_call_round_trip() {
 fn grpc_stream_round_trip() {
     let mut h = harness(&kitchen(), "");
     let ctx = h.vm.create_stream(h.root).unwrap();
-    h.vm.stream_mut(ctx).unwrap().request_headers = Some(HeaderMap::from_pairs([
-        (":path", "/"),
-        ("x-mode", "grpc-stream"),
-    ]));
+    h.vm.stream_mut(ctx).unwrap().request_headers =
+        Some(HeaderMap::from_pairs([(":path", "/"), ("x-mode", "grpc-stream")]).into());
     assert_eq!(h.vm.on_request_headers(ctx, true).unwrap(), Action::Pause);
     let token = h.host.recorded.lock().grpc_streams.last().unwrap().1;
     assert_eq!(
@@ -964,7 +973,13 @@ fn grpc_stream_round_trip() {
     )
     .unwrap();
     h.vm.on_grpc_close(token, 14, "unavailable").unwrap();
-    let headers = h.vm.stream(ctx).unwrap().request_headers.clone().unwrap();
+    let headers =
+        h.vm.stream(ctx)
+            .unwrap()
+            .request_headers
+            .as_ref()
+            .unwrap()
+            .snapshot();
     assert_eq!(headers.get_str("x-kitchen-grpc-stream-meta"), Some("m"));
     assert_eq!(
         headers.get_str("x-kitchen-grpc-stream-message"),

@@ -4,6 +4,7 @@
 
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
+use parking_lot::MutexGuard;
 use wasmgate_abi::{
     BufferType, GrpcCallRequest, GrpcStreamRequest, HeaderMap, HttpCallRequest, LocalResponse,
     LogLevel, LogRecord, MapType, MetricType, Status, StreamType,
@@ -195,16 +196,14 @@ pub(crate) fn add_to_linker(
     );
     def!("proxy_get_header_map_size", |c, t: u32, out: u32| {
         let map = map_type(t)?;
-        let size = map_ref(c.data(), map)
-            .map(HeaderMap::encoded_len)
-            .unwrap_or(0);
+        let size = map_ref(c.data(), map).map_or(0, |m| m.encoded_len());
         Ok(write_u32(c, out, size as u32)?)
     });
     def!("proxy_get_header_map_pairs", |c, t: u32, p: u32, n: u32| {
         let map = map_type(t)?;
         // Always OK, empty when the map is not available: the Rust SDK traps on anything else.
         let bytes = map_ref(c.data(), map)
-            .map(HeaderMap::encode)
+            .map(|m| m.encode())
             .unwrap_or_default();
         return_bytes(c, &bytes, p, n)
     });
@@ -220,9 +219,7 @@ pub(crate) fn add_to_linker(
         |c, t: u32, kp: u32, kn: u32, p: u32, n: u32| {
             let map = map_type(t)?;
             let value = with_bytes(c, kp, kn, |key, state| {
-                map_ref(state, map)
-                    .and_then(|m| m.get(key))
-                    .map(<[u8]>::to_vec)
+                map_ref(state, map).and_then(|m| m.get(key).map(<[u8]>::to_vec))
             })?;
             match value {
                 Some(value) => return_bytes(c, &value, p, n),
@@ -235,7 +232,7 @@ pub(crate) fn add_to_linker(
         |c, t: u32, kp: u32, kn: u32, vp: u32, vn: u32| {
             let map = map_type(t)?;
             with_two(c, (kp, kn), (vp, vn), |key, value, state| {
-                map_mut(state, map).map(|m| m.add(key, value))
+                map_mut(state, map).map(|mut m| m.add(key, value))
             })??;
             Ok(())
         }
@@ -245,7 +242,7 @@ pub(crate) fn add_to_linker(
         |c, t: u32, kp: u32, kn: u32, vp: u32, vn: u32| {
             let map = map_type(t)?;
             with_two(c, (kp, kn), (vp, vn), |key, value, state| {
-                map_mut(state, map).map(|m| m.replace(key, value))
+                map_mut(state, map).map(|mut m| m.replace(key, value))
             })??;
             Ok(())
         }
@@ -255,7 +252,7 @@ pub(crate) fn add_to_linker(
         |c, t: u32, kp: u32, kn: u32| {
             let map = map_type(t)?;
             with_bytes(c, kp, kn, |key, state| {
-                map_mut(state, map).map(|m| m.remove(key))
+                map_mut(state, map).map(|mut m| m.remove(key))
             })??;
             Ok(())
         }
@@ -796,36 +793,53 @@ fn map_type(raw: u32) -> Result<MapType, Status> {
     MapType::from_raw(raw).ok_or(Status::BadArgument)
 }
 
-fn map_ref(state: &VmState, map: MapType) -> Option<&HeaderMap> {
+/// A readable map: a stream's (locked for the duration of the host call) or a callout answer's.
+enum MapView<'a> {
+    Stream(MutexGuard<'a, HeaderMap>),
+    Callout(&'a HeaderMap),
+}
+
+impl std::ops::Deref for MapView<'_> {
+    type Target = HeaderMap;
+    fn deref(&self) -> &HeaderMap {
+        match self {
+            Self::Stream(guard) => guard,
+            Self::Callout(map) => map,
+        }
+    }
+}
+
+fn map_ref(state: &VmState, map: MapType) -> Option<MapView<'_>> {
     let stream = state.effective_context().map(|ctx| &ctx.stream);
-    match map {
+    let shared = match map {
         MapType::HttpRequestHeaders => stream?.request_headers.as_ref(),
         MapType::HttpRequestTrailers => stream?.request_trailers.as_ref(),
         MapType::HttpResponseHeaders => stream?.response_headers.as_ref(),
         MapType::HttpResponseTrailers => stream?.response_trailers.as_ref(),
         MapType::HttpCallResponseHeaders | MapType::GrpcReceiveInitialMetadata => {
-            state.callout.headers.as_ref()
+            return state.callout.headers.as_ref().map(MapView::Callout);
         }
         MapType::HttpCallResponseTrailers | MapType::GrpcReceiveTrailingMetadata => {
-            state.callout.trailers.as_ref()
+            return state.callout.trailers.as_ref().map(MapView::Callout);
         }
-    }
+    };
+    shared?.try_lock().map(MapView::Stream)
 }
 
 /// Only the stream's own maps are writable; callout answers are read-only (BAD_ARGUMENT, as Envoy).
-fn map_mut(state: &mut VmState, map: MapType) -> Result<&mut HeaderMap, Status> {
-    let stream = &mut state
-        .effective_context_mut()
-        .ok_or(Status::BadArgument)?
-        .stream;
+fn map_mut(state: &mut VmState, map: MapType) -> Result<MutexGuard<'_, HeaderMap>, Status> {
+    let stream = &state.effective_context().ok_or(Status::BadArgument)?.stream;
     let slot = match map {
-        MapType::HttpRequestHeaders => &mut stream.request_headers,
-        MapType::HttpRequestTrailers => &mut stream.request_trailers,
-        MapType::HttpResponseHeaders => &mut stream.response_headers,
-        MapType::HttpResponseTrailers => &mut stream.response_trailers,
+        MapType::HttpRequestHeaders => &stream.request_headers,
+        MapType::HttpRequestTrailers => &stream.request_trailers,
+        MapType::HttpResponseHeaders => &stream.response_headers,
+        MapType::HttpResponseTrailers => &stream.response_trailers,
         _ => return Err(Status::BadArgument),
     };
-    slot.as_mut().ok_or(Status::BadArgument)
+    slot.as_ref()
+        .ok_or(Status::BadArgument)?
+        .try_lock()
+        .ok_or(Status::InternalFailure)
 }
 
 // === stream control and callouts ===
