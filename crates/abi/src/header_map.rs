@@ -146,10 +146,15 @@ impl HeaderMap {
             self.fields[first].value = self.push_bytes(value);
         }
         self.fields[first].value_len = value.len();
-        let mut index = 0;
         let bytes = &self.bytes;
+        let named = |f: &Field| bytes[f.key..f.key + f.key_len].eq_ignore_ascii_case(key);
+        // Repeated names are rare: look before rewriting the field list.
+        if !self.fields[first + 1..].iter().any(named) {
+            return;
+        }
+        let mut index = 0;
         self.fields.retain(|f| {
-            let keep = index <= first || !bytes[f.key..f.key + f.key_len].eq_ignore_ascii_case(key);
+            let keep = index <= first || !named(f);
             index += 1;
             keep
         });

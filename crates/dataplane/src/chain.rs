@@ -345,13 +345,8 @@ impl Chain {
             }
         }
         let mut vm = plugin.vm.borrow_mut();
-        match vm.create_stream(plugin.root.get()) {
-            Ok(context) => {
-                if let Some(stream) = vm.stream_mut(context) {
-                    stream.info = info;
-                }
-                Ok(Some(context))
-            }
+        match vm.create_stream_with(plugin.root.get(), info) {
+            Ok(context) => Ok(Some(context)),
             Err(error) => {
                 drop(vm);
                 Self::on_error(plugin, &error).map(|()| None)

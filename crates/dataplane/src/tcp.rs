@@ -259,13 +259,8 @@ impl TcpChain {
             }
         }
         let mut vm = plugin.vm.borrow_mut();
-        match vm.create_stream(plugin.root.get()) {
-            Ok(context) => {
-                if let Some(stream) = vm.stream_mut(context) {
-                    stream.info = info.clone();
-                }
-                Ok(Some(context))
-            }
+        match vm.create_stream_with(plugin.root.get(), info.clone()) {
+            Ok(context) => Ok(Some(context)),
             Err(error) => {
                 drop(vm);
                 Self::on_error(plugin, &error).map(|()| None)

@@ -6,7 +6,7 @@ use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
 
-use wasmgate_abi::{AbiVersion, Action, HeaderMap, Host, LogLevel, PeerType};
+use wasmgate_abi::{AbiVersion, Action, HeaderMap, Host, LogLevel, PeerType, StreamInfo};
 use wasmtime::{Func, Instance, Store, TypedFunc, Val, WasmBacktrace, WasmParams, WasmResults};
 
 use crate::engine::Runtime;
@@ -340,6 +340,12 @@ impl Vm {
 
     /// Creates a stream (HTTP or TCP) context under a plugin.
     pub fn create_stream(&mut self, root: u32) -> Result<u32, VmError> {
+        self.create_stream_with(root, StreamInfo::default())
+    }
+
+    /// Creates a stream context that knows its connection and route from the start, so that
+    /// `proxy_on_context_create` can read them as in Envoy.
+    pub fn create_stream_with(&mut self, root: u32, info: StreamInfo) -> Result<u32, VmError> {
         let plugin = self.context(root)?.plugin.clone();
         let id = self.new_context_id();
         self.store.data_mut().contexts.insert(
@@ -347,7 +353,10 @@ impl Vm {
             Context {
                 root,
                 plugin,
-                stream: StreamData::default(),
+                stream: StreamData {
+                    info,
+                    ..StreamData::default()
+                },
                 filter_state: HashMap::new(),
                 awaiting_done: false,
             },
@@ -579,13 +588,12 @@ impl Vm {
                 break;
             }
         }
-        let deleted = if result.is_ok() {
-            self.delete_context(context)
-        } else {
-            Ok(())
-        };
+        if result.is_ok() {
+            // Removes the context whatever `proxy_on_delete` does.
+            return self.delete_context(context);
+        }
         self.store.data_mut().contexts.remove(&context);
-        result.and(deleted)
+        result
     }
 
     // === timers, queues, callouts ===
