@@ -18,6 +18,9 @@ use tracing_subscriber::{EnvFilter, reload};
 use wasmgate_dataplane::*;
 use wasmgate_runtime::{PluginConfig, Runtime, RuntimeConfig, VmConfig};
 
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 fn env(name: &str, default: usize) -> usize {
     std::env::var(name)
         .ok()

@@ -19,6 +19,9 @@ use clap::{Parser, Subcommand};
 use tracing_subscriber::prelude::*;
 use tracing_subscriber::{EnvFilter, reload};
 
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 #[derive(Parser)]
 #[command(
     name = "wasmgate",
