@@ -1558,6 +1558,35 @@ fn an_allocator_answering_garbage_gets_errors_and_one_that_traps_fails_the_vm() 
     gateway.assert_alive_and_ready("garbage and trapping allocators");
 }
 
+#[test]
+fn a_fail_open_plugin_that_traps_after_editing_the_headers_leaves_them_as_they_were() {
+    let upstream = echo_upstream();
+    let dir = tempfile::tempdir().unwrap();
+    let module = wat_module(dir.path(), "edit-then-trap");
+    let listeners = [(
+        "edit-open".to_owned(),
+        filter("edit-open", Policy::Open, &module, "{}", None),
+    )];
+    let mut gateway = Gateway::start(&gateway_yaml(upstream, &listeners, ""));
+    let reply = send(
+        gateway.listener("edit-open"),
+        "GET /edited HTTP/1.1\r\nhost: example.com\r\nx-kept: yes\r\nconnection: close\r\n\r\n",
+    );
+    assert_eq!(reply.status, 200, "{reply:?}");
+    // The echo upstream answers with the request head it received.
+    assert!(reply.text.contains("x-kept: yes"), "{reply:?}");
+    assert!(
+        !reply.text.contains("x-edited"),
+        "the failed plugin's edit reached the upstream: {reply:?}"
+    );
+    assert!(
+        gateway.log().contains("edit-open"),
+        "the trap is not logged:\n{}",
+        gateway.log_tail()
+    );
+    gateway.assert_alive_and_ready("a FAIL_OPEN plugin trapping after an edit");
+}
+
 // ------------------------------------------------------------------------------------------------
 // FAIL_RELOAD in depth.
 // ------------------------------------------------------------------------------------------------
