@@ -174,7 +174,9 @@ pub struct VmState {
     pub(crate) memory: Option<Memory>,
     pub(crate) allocator: Option<TypedFunc<u32, u32>>,
 
-    pub(crate) contexts: FastMap<u32, Context>,
+    /// Boxed: a context is about a kilobyte (its `StreamInfo` most of it), and each insert and
+    /// removal would otherwise copy it whole.
+    pub(crate) contexts: FastMap<u32, Box<Context>>,
     pub(crate) next_context_id: u32,
     /// The context of the running callback, and the one host calls act on (`proxy_set_effective_context`).
     pub(crate) current: u32,
@@ -196,15 +198,15 @@ pub struct VmState {
 
 impl VmState {
     pub(crate) fn context(&self, id: u32) -> Option<&Context> {
-        self.contexts.get(&id)
+        self.contexts.get(&id).map(|c| &**c)
     }
 
     pub(crate) fn effective_context(&self) -> Option<&Context> {
-        self.contexts.get(&self.effective)
+        self.contexts.get(&self.effective).map(|c| &**c)
     }
 
     pub(crate) fn effective_context_mut(&mut self) -> Option<&mut Context> {
-        self.contexts.get_mut(&self.effective)
+        self.contexts.get_mut(&self.effective).map(|c| &mut **c)
     }
 
     /// The plugin the effective context belongs to, for logs and properties.

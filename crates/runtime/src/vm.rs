@@ -222,13 +222,13 @@ impl Vm {
         let id = self.new_context_id();
         self.store.data_mut().contexts.insert(
             id,
-            Context {
+            Box::new(Context {
                 root: id,
                 plugin: Arc::new(plugin),
                 stream: StreamData::default(),
                 filter_state: HashMap::new(),
                 awaiting_done: false,
-            },
+            }),
         );
         let result = self.configure_new_root(id);
         match result {
@@ -350,7 +350,7 @@ impl Vm {
         let id = self.new_context_id();
         self.store.data_mut().contexts.insert(
             id,
-            Context {
+            Box::new(Context {
                 root,
                 plugin,
                 stream: StreamData {
@@ -359,7 +359,7 @@ impl Vm {
                 },
                 filter_state: HashMap::new(),
                 awaiting_done: false,
-            },
+            }),
         );
         if let Err(error) = self.invoke::<(u32, u32), ()>(
             callback!("proxy_on_context_create"),
@@ -891,6 +891,7 @@ impl Vm {
             .data_mut()
             .contexts
             .get_mut(&id)
+            .map(|c| &mut **c)
             .ok_or(VmError::UnknownContext(id))
     }
 
