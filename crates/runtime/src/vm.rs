@@ -1028,6 +1028,9 @@ impl Vm {
 
     /// Finishes root contexts whose `proxy_done` arrived during the last callback.
     fn complete_done(&mut self) -> Result<(), VmError> {
+        if self.store.data().done.is_empty() {
+            return Ok(());
+        }
         let done = std::mem::take(&mut self.store.data_mut().done);
         for id in done {
             self.delete_context(id)?;
