@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use parking_lot::{Mutex, MutexGuard};
 
-use wasmgate_abi::{HeaderMap, Host, LogLevel, StreamInfo};
+use wasmgate_abi::{HeaderMap, Host, LogLevel, MapType, StreamInfo};
 use wasmtime::{Memory, TypedFunc};
 
 use crate::guard::{Capabilities, LogLevels, MemoryLimiter};
@@ -70,8 +70,9 @@ impl From<HeaderMap> for SharedHeaders {
 
 /// Per-stream data the embedder hands to the VM before a callback and reads back after it.
 ///
-/// `None` means "not available in this stream (yet)": reads then answer empty or NOT_FOUND and
-/// writes BAD_ARGUMENT, as Envoy answers outside a map's window.
+/// `None` means "not available in this stream (yet)". The plugin reaches a map only inside its
+/// window (see `MapWindows`); an absent map, like a closed one, reads as empty pairs and answers
+/// BAD_ARGUMENT to everything else, as Envoy does.
 #[derive(Debug, Clone, Default)]
 pub struct StreamData {
     pub request_headers: Option<SharedHeaders>,
@@ -85,10 +86,73 @@ pub struct StreamData {
     pub info: StreamInfo,
 }
 
+/// The stream maps a plugin may use at this moment, opened as Envoy opens them: a map is
+/// readable and writable during its own callback, and stays so while the stream is paused from
+/// it; a continue of the stream (of either direction, as in Envoy) closes the request's maps;
+/// `on_log` reads the request headers and the response headers and trailers. Outside its window
+/// a map answers BAD_ARGUMENT, and its pairs read as empty.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub(crate) struct MapWindows {
+    open: u8,
+    log: bool,
+}
+
+impl MapWindows {
+    /// Every map open: for [`crate::Vm::call_export`], which reaches host functions outside any
+    /// callback on purpose (tests and fuzzing).
+    pub const ALL: Self = Self {
+        open: u8::MAX,
+        log: false,
+    };
+
+    fn bit(map: MapType) -> u8 {
+        match map {
+            MapType::HttpRequestHeaders => 1,
+            MapType::HttpRequestTrailers => 2,
+            MapType::HttpResponseHeaders => 4,
+            MapType::HttpResponseTrailers => 8,
+            _ => 0,
+        }
+    }
+
+    pub fn open(&mut self, map: MapType) {
+        self.open |= Self::bit(map);
+    }
+
+    pub fn close(&mut self, map: MapType) {
+        self.open &= !Self::bit(map);
+    }
+
+    pub fn close_request(&mut self) {
+        self.close(MapType::HttpRequestHeaders);
+        self.close(MapType::HttpRequestTrailers);
+    }
+
+    pub fn set_log(&mut self, log: bool) {
+        self.log = log;
+    }
+
+    pub fn writable(&self, map: MapType) -> bool {
+        self.open & Self::bit(map) != 0
+    }
+
+    pub fn readable(&self, map: MapType) -> bool {
+        self.writable(map)
+            || (self.log
+                && matches!(
+                    map,
+                    MapType::HttpRequestHeaders
+                        | MapType::HttpResponseHeaders
+                        | MapType::HttpResponseTrailers
+                ))
+    }
+}
+
 pub(crate) struct Context {
     pub root: u32,
     pub plugin: Arc<PluginConfig>,
     pub stream: StreamData,
+    pub windows: MapWindows,
     /// Properties the guest set (`proxy_set_property`), read back by `proxy_get_property`.
     pub filter_state: HashMap<Vec<u8>, Vec<u8>>,
     /// `proxy_on_done` returned false; `proxy_done` completes the context.

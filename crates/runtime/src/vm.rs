@@ -6,7 +6,7 @@ use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
 
-use wasmgate_abi::{AbiVersion, Action, HeaderMap, Host, LogLevel, PeerType, StreamInfo};
+use wasmgate_abi::{AbiVersion, Action, HeaderMap, Host, LogLevel, MapType, PeerType, StreamInfo};
 use wasmtime::{Func, Instance, Store, TypedFunc, Val, WasmBacktrace, WasmParams, WasmResults};
 
 use crate::engine::Runtime;
@@ -16,7 +16,7 @@ use crate::imports::wasi::ProcExit;
 use crate::module::{CALLBACKS, CallbackId, CompiledModule, callback};
 use crate::shared::Inbox;
 use crate::state::{
-    Callout, CalloutKind, Context, FastMap, Phase, PluginConfig, StreamData, VmState,
+    Callout, CalloutKind, Context, FastMap, MapWindows, Phase, PluginConfig, StreamData, VmState,
 };
 
 /// What a VM is started with, shared by the plugins it runs.
@@ -226,6 +226,7 @@ impl Vm {
                 root: id,
                 plugin: Arc::new(plugin),
                 stream: StreamData::default(),
+                windows: MapWindows::default(),
                 filter_state: HashMap::new(),
                 awaiting_done: false,
             }),
@@ -357,6 +358,7 @@ impl Vm {
                     info,
                     ..StreamData::default()
                 },
+                windows: MapWindows::default(),
                 filter_state: HashMap::new(),
                 awaiting_done: false,
             }),
@@ -399,6 +401,7 @@ impl Vm {
         self.headers_callback(
             callback!("proxy_on_request_headers"),
             context,
+            MapType::HttpRequestHeaders,
             count,
             end_of_stream,
         )
@@ -427,9 +430,10 @@ impl Vm {
             .request_trailers
             .as_ref()
             .map_or(0, |map| map.lock().len()) as u32;
-        self.action(
+        self.map_callback(
             callback!("proxy_on_request_trailers"),
             context,
+            MapType::HttpRequestTrailers,
             (context, count),
         )
     }
@@ -447,6 +451,7 @@ impl Vm {
         self.headers_callback(
             callback!("proxy_on_response_headers"),
             context,
+            MapType::HttpResponseHeaders,
             count,
             end_of_stream,
         )
@@ -475,9 +480,10 @@ impl Vm {
             .response_trailers
             .as_ref()
             .map_or(0, |map| map.lock().len()) as u32;
-        self.action(
+        self.map_callback(
             callback!("proxy_on_response_trailers"),
             context,
+            MapType::HttpResponseTrailers,
             (context, count),
         )
     }
@@ -580,8 +586,13 @@ impl Vm {
                 self.invoke::<u32, u32>(callback, context, Phase::Other, context)
                     .map(drop)
             } else {
-                self.invoke::<u32, ()>(callback, context, Phase::Other, context)
-                    .map(drop)
+                // `on_log` reads the maps as the stream ended.
+                self.windows(context, |windows| windows.set_log(true));
+                let logged = self
+                    .invoke::<u32, ()>(callback, context, Phase::Other, context)
+                    .map(drop);
+                self.windows(context, |windows| windows.set_log(false));
+                logged
             };
             if let Err(error) = outcome {
                 result = Err(error);
@@ -843,6 +854,8 @@ impl Vm {
             .ok_or_else(|| VmError::MissingExport(name.to_owned()))?;
         let params: Vec<Val> = args.iter().map(|a| Val::I32(*a)).collect();
         let mut results = vec![Val::I32(0); func.ty(&self.store).results().len()];
+        let mut windows = MapWindows::ALL;
+        self.windows(context, |w| std::mem::swap(w, &mut windows));
         let state = self.store.data_mut();
         state.current = context;
         state.effective = context;
@@ -850,6 +863,7 @@ impl Vm {
         self.store.set_epoch_deadline(self.deadline_ticks);
         let result = func.call(&mut self.store, &params, &mut results);
         self.store.data_mut().phase = Phase::Idle;
+        self.windows(context, |w| *w = windows);
         result.map_err(|e| self.trap("an exported function", context, e))?;
         self.complete_done()?;
         Ok(results
@@ -915,13 +929,37 @@ impl Vm {
         &mut self,
         callback: CallbackId,
         context: u32,
+        map: MapType,
         count: u32,
         eos: bool,
     ) -> Result<Action, VmError> {
         if self.module.abi_version() == AbiVersion::V0_1_0 {
-            self.action(callback, context, (context, count))
+            self.map_callback(callback, context, map, (context, count))
         } else {
-            self.action(callback, context, (context, count, eos as u32))
+            self.map_callback(callback, context, map, (context, count, eos as u32))
+        }
+    }
+
+    /// A callback that opens `map` to the plugin; a plugin that pauses keeps it open until the
+    /// stream continues (see [`MapWindows`]).
+    fn map_callback<P: WasmParams + TraceArgs + 'static>(
+        &mut self,
+        callback: CallbackId,
+        context: u32,
+        map: MapType,
+        params: P,
+    ) -> Result<Action, VmError> {
+        self.windows(context, |windows| windows.open(map));
+        let action = self.action(callback, context, params)?;
+        if action.is_continue() {
+            self.windows(context, |windows| windows.close(map));
+        }
+        Ok(action)
+    }
+
+    fn windows(&mut self, context: u32, change: impl FnOnce(&mut MapWindows)) {
+        if let Some(context) = self.store.data_mut().contexts.get_mut(&context) {
+            change(&mut context.windows);
         }
     }
 

@@ -428,12 +428,14 @@ fn statuses_for_bad_ids_and_unavailable_maps() {
         (p.call("load32", &[out[0]]), p.call("load32", &[out[1]])),
         (0, 0)
     );
+    // A value from a map that is not there is BAD_ARGUMENT, as Envoy answers (not NOT_FOUND,
+    // which says the map is there and the key is not).
     assert_eq!(
         p.status(
             "proxy_get_header_map_value",
             &[2, DATA_AT, 4, out[0], out[1]]
         ),
-        s(Status::NotFound)
+        s(Status::BadArgument)
     );
     assert_eq!(
         p.status("proxy_add_header_map_value", &[2, DATA_AT, 4, DATA_AT, 4]),

@@ -1134,3 +1134,107 @@ fn emscripten_helpers_link_and_answer_as_in_envoy() {
     assert!(logged.contains(&"equal".to_owned()), "{logged:?}");
     assert!(!logged.contains(&"not equal".to_owned()), "{logged:?}");
 }
+
+// === map windows ===
+
+/// A guest that records the status of each map call it makes, in order, at 512.. (read back with
+/// the exported `status`), so a test can see what each callback was allowed to do.
+const WINDOWS_GUEST: &str = r#"(module
+  (import "env" "proxy_add_header_map_value" (func $add (param i32 i32 i32 i32 i32) (result i32)))
+  (import "env" "proxy_get_header_map_value" (func $get (param i32 i32 i32 i32 i32) (result i32)))
+  (import "env" "proxy_get_header_map_size" (func $size (param i32 i32) (result i32)))
+  (import "env" "proxy_continue_stream" (func $continue (param i32) (result i32)))
+  (memory (export "memory") 1)
+  (data (i32.const 100) "a1")
+  (global $recorded (mut i32) (i32.const 0))
+  (global $pause (mut i32) (i32.const 0))
+  (func $record (param i32)
+    (i32.store (i32.add (i32.const 512) (i32.mul (global.get $recorded) (i32.const 4))) (local.get 0))
+    (global.set $recorded (i32.add (global.get $recorded) (i32.const 1))))
+  (func $get_a (param $map i32) (result i32)
+    (call $get (local.get $map) (i32.const 100) (i32.const 1) (i32.const 300) (i32.const 304)))
+  (func $add_a (param $map i32) (result i32)
+    (call $add (local.get $map) (i32.const 100) (i32.const 1) (i32.const 101) (i32.const 1)))
+  (func (export "proxy_abi_version_0_2_1"))
+  (func (export "proxy_on_memory_allocate") (param i32) (result i32) (i32.const 2048))
+  (func (export "proxy_on_context_create") (param i32 i32))
+  (func (export "proxy_on_vm_start") (param i32 i32) (result i32) (i32.const 1))
+  (func (export "proxy_on_configure") (param i32 i32) (result i32) (i32.const 1))
+  (func (export "pause_next") (global.set $pause (i32.const 1)))
+  (func (export "status") (param i32) (result i32)
+    (i32.load (i32.add (i32.const 512) (i32.mul (local.get 0) (i32.const 4)))))
+  (func (export "proxy_on_request_headers") (param i32 i32 i32) (result i32)
+    (call $record (call $add_a (i32.const 0)))
+    (global.get $pause))
+  (func (export "proxy_on_request_body") (param i32 i32 i32) (result i32)
+    (call $record (call $get_a (i32.const 0)))
+    (call $record (call $continue (i32.const 0)))
+    (call $record (call $get_a (i32.const 0)))
+    (i32.const 0))
+  (func (export "proxy_on_response_headers") (param i32 i32 i32) (result i32)
+    (call $record (call $get_a (i32.const 0)))
+    (call $record (call $add_a (i32.const 2)))
+    (i32.const 0))
+  (func (export "proxy_on_log") (param i32)
+    (call $record (call $get_a (i32.const 0)))
+    (call $record (call $get_a (i32.const 2)))
+    (call $record (call $add_a (i32.const 0)))
+    (call $record (call $size (i32.const 2) (i32.const 308)))))
+"#;
+
+fn recorded_statuses(vm: &mut Vm, stream: u32, count: usize) -> Vec<i32> {
+    (0..count)
+        .map(|i| vm.call_export(stream, "status", &[i as i32]).unwrap()[0])
+        .collect()
+}
+
+#[test]
+fn maps_are_open_to_a_plugin_only_where_envoy_opens_them() {
+    let loaded = load(&wat::parse_str(WINDOWS_GUEST).unwrap());
+    let (mut vm, _host) = new_vm(&loaded);
+    let root = vm.start_plugin(plugin("windows", "")).unwrap();
+    let (ok, bad_argument) = (Status::Ok as i32, Status::BadArgument as i32);
+
+    // Headers callbacks that continue: each map in its own callback only; on_log reads the
+    // request and response headers but writes nothing, and has no map size.
+    let stream = vm.create_stream(root).unwrap();
+    let data = vm.stream_mut(stream).unwrap();
+    data.request_headers = Some(HeaderMap::from_pairs([(":path", "/")]).into());
+    data.response_headers = Some(HeaderMap::from_pairs([(":status", "200")]).into());
+    assert!(vm.on_request_headers(stream, false).unwrap().is_continue());
+    assert!(vm.on_response_headers(stream, false).unwrap().is_continue());
+    vm.finish_http_stream(stream).unwrap();
+    assert!(vm.stream(stream).is_none(), "the context is gone");
+    let expected = vec![
+        ok,           // on_request_headers: add to the request headers
+        bad_argument, // on_response_headers: the request headers are closed
+        ok,           // on_response_headers: add to the response headers
+        ok,           // on_log: read the request headers (it finds the added "a")
+        ok,           // on_log: read the response headers (it finds the added "a")
+        bad_argument, // on_log: no writes
+        bad_argument, // on_log: no map size (Envoy asks for a writable map)
+    ];
+    // The statuses live in the VM's memory, read through any live context.
+    let probe = vm.create_stream(root).unwrap();
+    assert_eq!(recorded_statuses(&mut vm, probe, expected.len()), expected);
+    vm.finish_http_stream(probe).unwrap();
+
+    // A plugin that pauses in its request headers keeps them open (here in the body callback,
+    // as it would be in an http_call's answer) until it continues the stream.
+    let (mut vm, _host) = new_vm(&loaded);
+    let root = vm.start_plugin(plugin("windows", "")).unwrap();
+    vm.call_export(0, "pause_next", &[]).unwrap();
+    let stream = vm.create_stream(root).unwrap();
+    vm.stream_mut(stream).unwrap().request_headers =
+        Some(HeaderMap::from_pairs([(":path", "/")]).into());
+    assert!(!vm.on_request_headers(stream, false).unwrap().is_continue());
+    vm.stream_mut(stream).unwrap().request_body = Some(b"body".to_vec());
+    vm.on_request_body(stream, true).unwrap();
+    let expected = vec![
+        ok,           // on_request_headers: add, then pause
+        ok,           // on_request_body while paused: the request headers are still open
+        ok,           // proxy_continue_stream(request)
+        bad_argument, // after the continue: closed
+    ];
+    assert_eq!(recorded_statuses(&mut vm, stream, expected.len()), expected);
+}

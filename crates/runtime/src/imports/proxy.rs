@@ -196,7 +196,8 @@ pub(crate) fn add_to_linker(
     );
     def!("proxy_get_header_map_size", |c, t: u32, out: u32| {
         let map = map_type(t)?;
-        let size = map_ref(c.data(), map).map_or(0, |m| m.encoded_len());
+        // As Envoy: the size of a map the plugin may write (BAD_ARGUMENT in `on_log`).
+        let size = map_mut(c.data_mut(), map)?.encoded_len();
         Ok(write_u32(c, out, size as u32)?)
     });
     def!("proxy_get_header_map_pairs", |c, t: u32, p: u32, n: u32| {
@@ -219,11 +220,14 @@ pub(crate) fn add_to_linker(
         |c, t: u32, kp: u32, kn: u32, p: u32, n: u32| {
             let map = map_type(t)?;
             let value = with_bytes(c, kp, kn, |key, state| {
-                map_ref(state, map).and_then(|m| m.get(key).map(<[u8]>::to_vec))
+                map_ref(state, map).map(|m| m.get(key).map(<[u8]>::to_vec))
             })?;
             match value {
-                Some(value) => return_bytes(c, &value, p, n),
-                None => Err(Status::NotFound.into()),
+                Some(Some(value)) => return_bytes(c, &value, p, n),
+                // A stream map outside its window: Envoy answers BAD_ARGUMENT. A callout's
+                // answer that has no headers (the call failed) reads as empty.
+                None if is_stream_map(map) => Err(Status::BadArgument.into()),
+                Some(None) | None => Err(Status::NotFound.into()),
             }
         }
     );
@@ -259,9 +263,13 @@ pub(crate) fn add_to_linker(
     );
     def!("proxy_continue_stream", |c, t: u32| {
         let stream = StreamType::from_raw(t).ok_or(Status::BadArgument)?;
-        to_result(host_for_effective(c, |host, ctx| {
-            host.continue_stream(ctx, stream)
-        }))
+        let status = host_for_effective(c, |host, ctx| host.continue_stream(ctx, stream));
+        if status == Status::Ok
+            && matches!(stream, StreamType::HttpRequest | StreamType::HttpResponse)
+        {
+            close_request_windows(c);
+        }
+        to_result(status)
     });
     def!("proxy_close_stream", |c, t: u32| {
         let stream = StreamType::from_raw(t).ok_or(Status::BadArgument)?;
@@ -270,14 +278,22 @@ pub(crate) fn add_to_linker(
         }))
     });
     legacy(linker, void_legacy, "proxy_continue_request", |c| {
-        host_for_effective(c, |host, ctx| {
+        let status = host_for_effective(c, |host, ctx| {
             host.continue_stream(ctx, StreamType::HttpRequest)
-        })
+        });
+        if status == Status::Ok {
+            close_request_windows(c);
+        }
+        status
     })?;
     legacy(linker, void_legacy, "proxy_continue_response", |c| {
-        host_for_effective(c, |host, ctx| {
+        let status = host_for_effective(c, |host, ctx| {
             host.continue_stream(ctx, StreamType::HttpResponse)
-        })
+        });
+        if status == Status::Ok {
+            close_request_windows(c);
+        }
+        status
     })?;
     legacy(linker, void_legacy, "proxy_clear_route_cache", |c| {
         host_for_effective(c, |host, ctx| host.clear_route_cache(ctx))
@@ -596,6 +612,14 @@ fn to_result(status: Status) -> HostResult {
     }
 }
 
+/// A continued HTTP stream has passed its request: Envoy closes the request's maps on a continue
+/// of either direction (its response maps stay as they were).
+fn close_request_windows(c: &mut C<'_>) {
+    if let Some(context) = c.data_mut().effective_context_mut() {
+        context.windows.close_request();
+    }
+}
+
 fn host_for_effective(
     c: &mut C<'_>,
     f: impl FnOnce(&mut dyn wasmgate_abi::Host, u32) -> Status,
@@ -809,8 +833,22 @@ impl std::ops::Deref for MapView<'_> {
     }
 }
 
+fn is_stream_map(map: MapType) -> bool {
+    matches!(
+        map,
+        MapType::HttpRequestHeaders
+            | MapType::HttpRequestTrailers
+            | MapType::HttpResponseHeaders
+            | MapType::HttpResponseTrailers
+    )
+}
+
+/// A map the plugin may read now, or `None` (absent, or outside its window: see `MapWindows`).
 fn map_ref(state: &VmState, map: MapType) -> Option<MapView<'_>> {
-    let stream = state.effective_context().map(|ctx| &ctx.stream);
+    let stream = state
+        .effective_context()
+        .filter(|ctx| ctx.windows.readable(map))
+        .map(|ctx| &ctx.stream);
     let shared = match map {
         MapType::HttpRequestHeaders => stream?.request_headers.as_ref(),
         MapType::HttpRequestTrailers => stream?.request_trailers.as_ref(),
@@ -828,7 +866,11 @@ fn map_ref(state: &VmState, map: MapType) -> Option<MapView<'_>> {
 
 /// Only the stream's own maps are writable; callout answers are read-only (BAD_ARGUMENT, as Envoy).
 fn map_mut(state: &mut VmState, map: MapType) -> Result<MutexGuard<'_, HeaderMap>, Status> {
-    let stream = &state.effective_context().ok_or(Status::BadArgument)?.stream;
+    let context = state.effective_context().ok_or(Status::BadArgument)?;
+    if !context.windows.writable(map) {
+        return Err(Status::BadArgument);
+    }
+    let stream = &context.stream;
     let slot = match map {
         MapType::HttpRequestHeaders => &stream.request_headers,
         MapType::HttpRequestTrailers => &stream.request_trailers,
