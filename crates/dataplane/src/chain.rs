@@ -11,7 +11,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use wasmgate_abi::{Action, HeaderMap, LocalResponse, StreamInfo, StreamType};
-use wasmgate_runtime::{Runtime, SharedHeaders, Vm, VmError};
+use wasmgate_runtime::{Runtime, SharedHeaders, StreamData, Vm, VmError};
 
 use crate::host::ClusterNames;
 use crate::plugin_vm::{PluginVm, WorkerPlugin, spawn_unary_calls};
@@ -285,6 +285,24 @@ impl Direction {
     }
 }
 
+/// Which of a direction's maps a callback gets.
+#[derive(Clone, Copy)]
+enum MapPart {
+    Headers,
+    Trailers,
+}
+
+impl MapPart {
+    fn slot(self, stream: &mut StreamData, direction: Direction) -> &mut Option<SharedHeaders> {
+        match (self, direction) {
+            (Self::Headers, Direction::Request) => &mut stream.request_headers,
+            (Self::Headers, Direction::Response) => &mut stream.response_headers,
+            (Self::Trailers, Direction::Request) => &mut stream.request_trailers,
+            (Self::Trailers, Direction::Response) => &mut stream.response_trailers,
+        }
+    }
+}
+
 pub(crate) struct Chain {
     stages: Vec<Stage>,
     buffer_limit: usize,
@@ -511,43 +529,49 @@ impl Chain {
         through: Option<usize>,
     ) -> Flow<()> {
         for index in self.visits(direction, through) {
-            let stage = &self.stages[index];
-            let Some(context) = stage.context else {
-                continue;
+            let callback = |vm: &mut Vm, context| match direction {
+                Direction::Request => vm.on_request_headers(context, end_of_stream),
+                Direction::Response => vm.on_response_headers(context, end_of_stream),
             };
-            // A FAIL_OPEN plugin that fails in this callback is skipped, and the headers must go
-            // on as they were before it: the one case that needs a copy.
-            let before = (stage.plugin.spec.failure_policy == FailurePolicy::FailOpen)
-                .then(|| headers.snapshot());
-            {
-                let mut vm = stage.plugin.vm.borrow_mut();
-                let Some(stream) = vm.stream_mut(context) else {
-                    continue;
-                };
-                let slot = match direction {
-                    Direction::Request => &mut stream.request_headers,
-                    Direction::Response => &mut stream.response_headers,
-                };
-                if !slot.as_ref().is_some_and(|shared| shared.same(headers)) {
-                    *slot = Some(headers.clone());
-                }
-            }
-            let action = self.call(index, direction, |vm, ctx| match direction {
-                Direction::Request => vm.on_request_headers(ctx, end_of_stream),
-                Direction::Response => vm.on_response_headers(ctx, end_of_stream),
-            });
-            let waited = match action {
-                Ok(action) if !action.is_continue() => self.wait(index, direction).await,
-                other => other.map(drop),
-            };
-            if let Some(before) = before
-                && self.stages[index].context.is_none()
-            {
-                *headers.lock() = before;
-            }
-            waited?;
+            self.map_callback(index, direction, headers, MapPart::Headers, callback)
+                .await?;
         }
         Ok(())
+    }
+
+    /// Runs the headers or trailers callback of the plugin at `index` on the stream's shared
+    /// `map` (put in the plugin's stream first), and waits while the plugin pauses. A FAIL_OPEN
+    /// plugin that fails in it is skipped, and the map goes on as it was before: the one case
+    /// that needs a copy. False when the plugin has no context (it failed earlier).
+    async fn map_callback(
+        &mut self,
+        index: usize,
+        direction: Direction,
+        map: &SharedHeaders,
+        part: MapPart,
+        callback: impl FnOnce(&mut Vm, u32) -> Result<Action, VmError>,
+    ) -> Flow<bool> {
+        let before = (self.stages[index].plugin.spec.failure_policy == FailurePolicy::FailOpen)
+            .then(|| map.snapshot());
+        let installed = self.vm_stream(index, |stream| {
+            let slot = part.slot(stream, direction);
+            if !slot.as_ref().is_some_and(|shared| shared.same(map)) {
+                *slot = Some(map.clone());
+            }
+        });
+        if installed.is_none() {
+            return Ok(false);
+        }
+        let waited = match self.call(index, direction, callback) {
+            Ok(action) if !action.is_continue() => self.wait(index, direction).await,
+            other => other.map(drop),
+        };
+        if let Some(before) = before
+            && self.stages[index].context.is_none()
+        {
+            *map.lock() = before;
+        }
+        waited.map(|()| true)
     }
 
     /// A body chunk through the chain. Returns what passes every plugin now; paused plugins hold
@@ -642,32 +666,16 @@ impl Chain {
         // Shared by the plugins as the headers are (see `headers`); the gateway gets a copy back.
         let shared = SharedHeaders::new(std::mem::take(trailers));
         for (position, &index) in order.iter().enumerate() {
-            let before = (self.stages[index].plugin.spec.failure_policy == FailurePolicy::FailOpen)
-                .then(|| shared.snapshot());
-            let install = |s: &mut wasmgate_runtime::StreamData| {
-                let slot = match direction {
-                    Direction::Request => &mut s.request_trailers,
-                    Direction::Response => &mut s.response_trailers,
-                };
-                *slot = Some(shared.clone());
+            let callback = |vm: &mut Vm, context| match direction {
+                Direction::Request => vm.on_request_trailers(context),
+                Direction::Response => vm.on_response_trailers(context),
             };
-            if self.vm_stream(index, install).is_none() {
+            if !self
+                .map_callback(index, direction, &shared, MapPart::Trailers, callback)
+                .await?
+            {
                 continue;
             }
-            let action = self.call(index, direction, |vm, ctx| match direction {
-                Direction::Request => vm.on_request_trailers(ctx),
-                Direction::Response => vm.on_response_trailers(ctx),
-            });
-            let waited = match action {
-                Ok(action) if !action.is_continue() => self.wait(index, direction).await,
-                other => other.map(drop),
-            };
-            if let Some(before) = before
-                && self.stages[index].context.is_none()
-            {
-                *shared.lock() = before;
-            }
-            waited?;
             // A body this plugin held goes on to the plugins after it, before the trailers.
             if let Some(held) = self.stages[index].held.take() {
                 let rest = &order[position + 1..];
