@@ -261,6 +261,59 @@ async fn a_chain_runs_requests_in_order_and_responses_in_reverse() {
     assert_eq!(request, vec!["first", "second"]);
 }
 
+/// A body of one data frame and then trailers, as a gRPC client sends it.
+struct WithTrailers(Option<Bytes>, Option<http::HeaderMap>);
+
+impl http_body::Body for WithTrailers {
+    type Data = Bytes;
+    type Error = Infallible;
+
+    fn poll_frame(
+        mut self: std::pin::Pin<&mut Self>,
+        _: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Result<Frame<Bytes>, Infallible>>> {
+        let frame = match self.0.take() {
+            Some(data) => Some(Frame::data(data)),
+            None => self.1.take().map(Frame::trailers),
+        };
+        std::task::Poll::Ready(frame.map(Ok))
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn request_trailers_reach_the_plugin_and_the_upstream_as_the_plugin_left_them() {
+    let up = upstream().await;
+    let runtime = runtime();
+    let mut spec = GatewaySpec {
+        workers: 1,
+        listeners: vec![listener(
+            vec![route("/", "upstream")],
+            vec![kitchen(&runtime)],
+            Limits::default(),
+        )],
+        clusters: vec![cluster("upstream", up.address)],
+    };
+    // HTTP/2 to the upstream, so that trailers travel without a declared `trailer` header.
+    spec.clusters[0].http2 = true;
+    let gw = Gateway::start(runtime, spec);
+    let client = Client::builder(TokioExecutor::new())
+        .http2_only(true)
+        .build_http::<WithTrailers>();
+    let mut trailers = http::HeaderMap::new();
+    trailers.insert("x-client-trailer", "yes".parse().unwrap());
+    let request = Request::post(format!("http://{}/trailers", gw.address))
+        .body(WithTrailers(Some(Bytes::from("payload")), Some(trailers)))
+        .unwrap();
+    let response = client.request(request).await.expect("the gateway answers");
+    assert_eq!(response.status(), 200);
+    let seen = up.seen.lock().last().cloned().unwrap();
+    assert_eq!(seen.body, "payload");
+    let trailers = seen.trailers.expect("the upstream got trailers");
+    assert_eq!(trailers["x-client-trailer"], "yes");
+    // The kitchen sink adds one in on_http_request_trailers.
+    assert_eq!(trailers["x-kitchen-trailer"], "1");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn routes_direct_responses_and_missing_routes() {
     let up = upstream().await;
