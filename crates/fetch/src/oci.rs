@@ -8,9 +8,9 @@
 //! detection and errors an operator can act on. `push` writes each layout, for tests and tooling.
 //!
 //! oci-client builds its own HTTP client, with no hook for a resolver or a redirect policy, so the
-//! requests that may leave the registry are not left to it: layers are downloaded with the guarded
-//! client module downloads use (registries redirect them to storage, wherever that is), and the
-//! token service a registry names is checked before oci-client asks it for a token.
+//! requests that may leave the registry are not left to it: manifests and layers are fetched with
+//! the guarded client module downloads use (registries redirect them to storage, wherever that
+//! is), and the token service a registry names is checked before oci-client asks it for a token.
 
 use std::io::Read as _;
 use std::path::Path;
@@ -220,42 +220,35 @@ impl Registry {
                 message,
             )
         };
+        let what = format!(
+            "manifest {} of repository {}",
+            reference
+                .digest
+                .as_deref()
+                .or(reference.effective_tag())
+                .unwrap_or("latest"),
+            reference.repository
+        );
         let pulled = tokio::time::timeout(self.attempt_timeout, async {
-            self.authenticate(&image, RegistryOperation::Pull).await?;
-            self.client
-                .pull_manifest_raw(
-                    &image,
-                    &self.auth,
-                    &[
-                        DOCKER_MANIFEST,
-                        OCI_MANIFEST,
-                        OCI_INDEX,
-                        DOCKER_MANIFEST_LIST,
-                    ],
-                )
+            // The token oci-client gets with the stored auth runs the handshake up front, so
+            // that a token server refusing the credentials is reported as such.
+            let token = self
+                .client
+                .auth(&image, &self.auth, RegistryOperation::Pull)
                 .await
+                .map_err(|error| self.describe(&error, &what))?;
+            self.get_manifest(&image, token.as_deref(), &what).await
         })
         .await;
-        let (body, _) = match pulled {
+        let body = match pulled {
             Err(_) => {
                 return Err(fail(format!(
                     "registry {} did not answer within {:?}",
                     self.registry, self.attempt_timeout
                 )));
             }
-            Ok(Err(error)) => {
-                let what = format!(
-                    "manifest {} of repository {}",
-                    reference
-                        .digest
-                        .as_deref()
-                        .or(reference.effective_tag())
-                        .unwrap_or("latest"),
-                    reference.repository
-                );
-                return Err(fail(self.describe(&error, &what)));
-            }
-            Ok(Ok(pulled)) => pulled,
+            Ok(Err(message)) => return Err(fail(message)),
+            Ok(Ok(body)) => body,
         };
         if body.len() > MAX_MANIFEST_SIZE {
             return Err(fail(format!(
@@ -437,9 +430,91 @@ impl Registry {
         }
     }
 
-    /// GETs a blob with the guarded client into `buffer`, following the registry's redirects
-    /// (never into link-local or metadata addresses). Cross-host redirects drop the
-    /// `Authorization` header, as oci-client's would.
+    /// A GET of `path` under the registry's `/v2/`, with the guarded client (redirects are
+    /// followed, never into link-local or metadata addresses, and drop the `Authorization`
+    /// header when they leave the registry's host), authorised with `token` or the credentials.
+    fn registry_get(
+        &self,
+        image: &oci_client::Reference,
+        path: &str,
+        token: Option<&str>,
+    ) -> reqwest::RequestBuilder {
+        let scheme = if self.insecure { "http" } else { "https" };
+        let url = format!(
+            "{scheme}://{}/v2/{}/{path}",
+            image.resolve_registry(),
+            image.repository()
+        );
+        let request = self.http.get(&url);
+        match (token, &self.auth) {
+            (Some(token), _) => request.bearer_auth(token),
+            (None, RegistryAuth::Bearer(token)) => request.bearer_auth(token),
+            (None, RegistryAuth::Basic(username, password)) => {
+                request.basic_auth(username, Some(password))
+            }
+            (None, RegistryAuth::Anonymous) => request,
+        }
+    }
+
+    /// The manifest `image` names, in any of the four manifest media types. With the guarded
+    /// client, as layers: oci-client's own would follow a registry's redirect anywhere.
+    async fn get_manifest(
+        &self,
+        image: &oci_client::Reference,
+        token: Option<&str>,
+        what: &str,
+    ) -> Result<Vec<u8>, String> {
+        let reference = image.digest().or(image.tag()).unwrap_or("latest");
+        let accept = [
+            DOCKER_MANIFEST,
+            OCI_MANIFEST,
+            OCI_INDEX,
+            DOCKER_MANIFEST_LIST,
+        ]
+        .join(", ");
+        let registry = &self.registry;
+        let mut response = self
+            .registry_get(image, &format!("manifests/{reference}"), token)
+            .header(reqwest::header::ACCEPT, accept)
+            .send()
+            .await
+            .map_err(|e| format!("cannot get {what} from registry {registry}: {}", chain(&e)))?;
+        let status = response.status();
+        let mut body = Vec::new();
+        while let Some(chunk) = response
+            .chunk()
+            .await
+            .map_err(|e| format!("{what} from registry {registry} broke off: {}", chain(&e)))?
+        {
+            body.extend_from_slice(&chunk);
+            if body.len() > MAX_MANIFEST_SIZE {
+                return Err(format!(
+                    "the manifest is more than {MAX_MANIFEST_SIZE} bytes, more than a manifest can be"
+                ));
+            }
+        }
+        match status.as_u16() {
+            200..=299 => Ok(body),
+            401 => Err(self.refused("401", what)),
+            403 => Err(self.refused("403", what)),
+            404 => {
+                // The registry's error envelope says which: the repository or the manifest.
+                let codes = error_codes(&body);
+                if codes.contains("NAME_UNKNOWN") {
+                    Err(format!(
+                        "{what} was not found: no such repository on registry {registry} (404 {codes})"
+                    ))
+                } else {
+                    Err(format!(
+                        "{what} was not found on registry {registry} (404 {codes})"
+                    ))
+                }
+            }
+            _ => Err(format!("registry {registry} answered {status} for {what}")),
+        }
+    }
+
+    /// GETs a blob with the guarded client into `buffer` (see [`Self::registry_get`]).
     async fn download_blob(
         &self,
         image: &oci_client::Reference,
@@ -449,23 +524,9 @@ impl Registry {
         what: &str,
     ) -> Result<(), String> {
         use tokio::io::AsyncWriteExt as _;
-        let scheme = if self.insecure { "http" } else { "https" };
-        let url = format!(
-            "{scheme}://{}/v2/{}/blobs/{digest}",
-            image.resolve_registry(),
-            image.repository()
-        );
-        let request = self.http.get(&url);
-        let request = match (token, &self.auth) {
-            (Some(token), _) => request.bearer_auth(token),
-            (None, RegistryAuth::Bearer(token)) => request.bearer_auth(token),
-            (None, RegistryAuth::Basic(username, password)) => {
-                request.basic_auth(username, Some(password))
-            }
-            (None, RegistryAuth::Anonymous) => request,
-        };
         let registry = &self.registry;
-        let mut response = request
+        let mut response = self
+            .registry_get(image, &format!("blobs/{digest}"), token)
             .send()
             .await
             .map_err(|e| format!("cannot get {what} from registry {registry}: {}", chain(&e)))?;
@@ -1192,6 +1253,26 @@ fn bearer_realm(challenge: &str) -> Option<String> {
 }
 
 /// An error and its sources, without repeating a source its parent already quoted.
+/// The codes of a registry's error envelope (`{"errors":[{"code":"MANIFEST_UNKNOWN",...}]}`) with
+/// their messages, as registries document them; empty when the body is not one.
+fn error_codes(body: &[u8]) -> String {
+    let Ok(envelope) = serde_json::from_slice::<serde_json::Value>(body) else {
+        return String::new();
+    };
+    let errors = envelope["errors"].as_array().cloned().unwrap_or_default();
+    let codes: Vec<String> = errors
+        .iter()
+        .map(|e| {
+            let code = e["code"].as_str().unwrap_or("UNKNOWN");
+            match e["message"].as_str() {
+                Some(message) => format!("{code}: {message}"),
+                None => code.to_owned(),
+            }
+        })
+        .collect();
+    codes.join("; ")
+}
+
 fn chain(error: &dyn std::error::Error) -> String {
     let mut text = error.to_string();
     let mut source = error.source();

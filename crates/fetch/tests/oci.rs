@@ -598,6 +598,41 @@ async fn blob_redirects_and_token_realms_into_metadata_addresses_are_refused() {
     assert_eq!(fetcher.metrics().remote_fetch_count("download_failure"), 1);
 }
 
+/// A registry that redirects its manifest requests. A real registry does not (its `redirect`
+/// middleware covers blobs only), so a hand-made server plays one: `/v2/` answers, and every
+/// manifest is "elsewhere", at a cloud metadata address.
+#[tokio::test]
+async fn manifest_redirects_into_metadata_addresses_are_refused() {
+    use std::io::{Read as _, Write as _};
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let address = listener.local_addr().unwrap();
+    std::thread::spawn(move || {
+        for stream in listener.incoming() {
+            let Ok(mut stream) = stream else { continue };
+            let mut head = [0u8; 4096];
+            let read = stream.read(&mut head).unwrap_or(0);
+            let answer = if head[..read].starts_with(b"GET /v2/ ") {
+                "HTTP/1.1 200 OK\r\ncontent-length: 2\r\nconnection: close\r\n\r\n{}"
+            } else {
+                "HTTP/1.1 307 Temporary Redirect\r\nlocation: http://169.254.169.254/latest/meta-data/\r\ncontent-length: 0\r\nconnection: close\r\n\r\n"
+            };
+            let _ = stream.write_all(answer.as_bytes());
+        }
+    });
+    let image = OciReference::parse(&format!("{address}/redirect/p:v1")).unwrap();
+    let options = FetchOptions {
+        insecure_registries: vec![address.to_string()],
+        ..options()
+    };
+    let client = Registry::new(&image, &options, None).unwrap();
+    let error = client.resolve(&image).await.unwrap_err();
+    assert_error(
+        &error,
+        FetchErrorKind::ManifestFailure,
+        &["manifest v1", "link-local or cloud metadata"],
+    );
+}
+
 /// Istio's pull policies through the [`wasmgate_fetch::Fetcher`]: `:latest` asks the registry each
 /// time and reuses the cached module while the digest holds; a pinned tag is served from the
 /// cache; a `sha256` is the manifest digest.
