@@ -7,10 +7,10 @@
 //! The v2 API is oci-client's; this module adds the SSRF guard, size caps, digest checks, layout
 //! detection and errors an operator can act on. `push` writes each layout, for tests and tooling.
 //!
-//! oci-client builds its own HTTP client, with no hook for a resolver or a redirect policy, so the
-//! requests that may leave the registry are not left to it: manifests and layers are fetched with
-//! the guarded client module downloads use (registries redirect them to storage, wherever that
-//! is), and the token service a registry names is checked before oci-client asks it for a token.
+//! oci-client builds its own HTTP client, with no hook for a resolver or a redirect policy, so a
+//! pull does not use it: the token exchange, the manifest and the layers go through the guarded
+//! client module downloads use (registries redirect blobs to storage, wherever that is). Pushes
+//! (tooling) use oci-client, after the token service a registry names has been checked.
 
 use std::io::Read as _;
 use std::path::Path;
@@ -230,13 +230,7 @@ impl Registry {
             reference.repository
         );
         let pulled = tokio::time::timeout(self.attempt_timeout, async {
-            // The token oci-client gets with the stored auth runs the handshake up front, so
-            // that a token server refusing the credentials is reported as such.
-            let token = self
-                .client
-                .auth(&image, &self.auth, RegistryOperation::Pull)
-                .await
-                .map_err(|error| self.describe(&error, &what))?;
+            let token = self.pull_token(&image).await?;
             self.get_manifest(&image, token.as_deref(), &what).await
         })
         .await;
@@ -298,13 +292,7 @@ impl Registry {
         buffer.progress = self.progress.clone().map(|p| (p, layer.size));
         let what = format!("layer {}", layer.digest);
         let pulled = tokio::time::timeout(self.deadline, async {
-            // The token oci-client gets (and caches) with the stored auth; none when the registry
-            // asks for Basic, or for nothing.
-            let token = self
-                .client
-                .auth(&image, &self.auth, RegistryOperation::Pull)
-                .await
-                .map_err(|e| self.describe(&e, &what))?;
+            let token = self.pull_token(&image).await?;
             self.download_blob(&image, &layer.digest, token.as_deref(), &mut buffer, &what)
                 .await
         })
@@ -456,6 +444,76 @@ impl Registry {
         }
     }
 
+    /// The bearer token for pulling from `image`'s repository, asked of the token service the
+    /// registry names in its challenge, with the guarded client: oci-client would ask it with its
+    /// own, whose lookups nothing checks. `None` when the registry asks for no token (it takes
+    /// Basic credentials as they are, or none).
+    async fn pull_token(&self, image: &oci_client::Reference) -> Result<Option<String>, String> {
+        if let RegistryAuth::Bearer(token) = &self.auth {
+            return Ok(Some(token.clone()));
+        }
+        let registry = &self.registry;
+        let scheme = if self.insecure { "http" } else { "https" };
+        let probe = format!("{scheme}://{}/v2/", image.resolve_registry());
+        let response = self
+            .http
+            .get(&probe)
+            .send()
+            .await
+            .map_err(|e| self.unanswered(&e, "its API root (/v2/)"))?;
+        if response.status() != reqwest::StatusCode::UNAUTHORIZED {
+            return Ok(None);
+        }
+        let Some(challenge) = response
+            .headers()
+            .get_all(reqwest::header::WWW_AUTHENTICATE)
+            .iter()
+            .filter_map(|value| value.to_str().ok())
+            .find(|value| bearer_realm(value).is_some())
+        else {
+            return Ok(None);
+        };
+        let realm = bearer_realm(challenge).unwrap_or_default();
+        let mut url = reqwest::Url::parse(&realm).map_err(|e| {
+            format!("registry {registry} names a token service that is not a URL ({realm}): {e}")
+        })?;
+        {
+            let mut query = url.query_pairs_mut();
+            if let Some(service) = bearer_param(challenge, "service") {
+                query.append_pair("service", &service);
+            }
+            query.append_pair("scope", &format!("repository:{}:pull", image.repository()));
+        }
+        let mut request = self.http.get(url);
+        if let RegistryAuth::Basic(username, password) = &self.auth {
+            request = request.basic_auth(username, Some(password));
+        }
+        let response = request
+            .send()
+            .await
+            .map_err(|e| self.unanswered(&e, &format!("a token from {realm}")))?;
+        let status = response.status();
+        if !status.is_success() {
+            return Err(if self.has_credentials {
+                format!("registry {registry} refused the credentials (token exchange): {status}")
+            } else {
+                format!("registry {registry} refused an anonymous token: {status}")
+            });
+        }
+        let answer: serde_json::Value = response.json().await.map_err(|e| {
+            format!(
+                "the token service of registry {registry} answered no JSON: {}",
+                chain(&e)
+            )
+        })?;
+        // Docker's token protocol names it `token`; OAuth2-style services `access_token`.
+        answer["token"]
+            .as_str()
+            .or(answer["access_token"].as_str())
+            .map(|token| Some(token.to_owned()))
+            .ok_or_else(|| format!("the token service of registry {registry} answered no token"))
+    }
+
     /// The manifest `image` names, in any of the four manifest media types. With the guarded
     /// client, as layers: oci-client's own would follow a registry's redirect anywhere.
     async fn get_manifest(
@@ -478,7 +536,7 @@ impl Registry {
             .header(reqwest::header::ACCEPT, accept)
             .send()
             .await
-            .map_err(|e| format!("cannot get {what} from registry {registry}: {}", chain(&e)))?;
+            .map_err(|e| self.unanswered(&e, what))?;
         let status = response.status();
         let mut body = Vec::new();
         while let Some(chunk) = response
@@ -529,7 +587,7 @@ impl Registry {
             .registry_get(image, &format!("blobs/{digest}"), token)
             .send()
             .await
-            .map_err(|e| format!("cannot get {what} from registry {registry}: {}", chain(&e)))?;
+            .map_err(|e| self.unanswered(&e, what))?;
         let status = response.status();
         match status.as_u16() {
             200..=299 => {}
@@ -647,6 +705,33 @@ impl Registry {
         }
     }
 
+    /// A sentence about a request for `what` that got no answer (`text` is the error's chain),
+    /// with a hint where the cause is a usual one.
+    fn transport(&self, text: String, timeout: bool, connect: bool, what: &str) -> String {
+        let registry = &self.registry;
+        let lower = text.to_ascii_lowercase();
+        let hint = if lower.contains("certificate") || lower.contains("unknownissuer") {
+            " (the registry's TLS certificate is not trusted: add its CA to the extra root certificates)"
+        } else if lower.contains("invalidcontenttype") || lower.contains("corrupt message") {
+            " (the registry seems to speak plain HTTP: list it as an insecure registry to use HTTP)"
+        } else {
+            ""
+        };
+        let scheme = if self.insecure { "http" } else { "https" };
+        if timeout {
+            format!("registry {registry} did not answer in time for {what}: {text}")
+        } else if connect {
+            format!("cannot connect to registry {registry} over {scheme} for {what}: {text}{hint}")
+        } else {
+            format!("request to registry {registry} for {what} failed: {text}{hint}")
+        }
+    }
+
+    /// [`Self::transport`] for the guarded client's errors.
+    fn unanswered(&self, error: &reqwest::Error, what: &str) -> String {
+        self.transport(chain(error), error.is_timeout(), error.is_connect(), what)
+    }
+
     /// A sentence about `error`, met while getting `what`.
     fn describe(&self, error: &OciDistributionError, what: &str) -> String {
         let registry = &self.registry;
@@ -704,26 +789,7 @@ impl Registry {
                 ),
             },
             OciDistributionError::RequestError(e) => {
-                let text = chain(e);
-                let lower = text.to_ascii_lowercase();
-                let hint = if lower.contains("certificate") || lower.contains("unknownissuer") {
-                    " (the registry's TLS certificate is not trusted: add its CA to the extra root certificates)"
-                } else if lower.contains("invalidcontenttype") || lower.contains("corrupt message")
-                {
-                    " (the registry seems to speak plain HTTP: list it as an insecure registry to use HTTP)"
-                } else {
-                    ""
-                };
-                let scheme = if self.insecure { "http" } else { "https" };
-                if e.is_timeout() {
-                    format!("registry {registry} did not answer in time for {what}: {text}")
-                } else if e.is_connect() {
-                    format!(
-                        "cannot connect to registry {registry} over {scheme} for {what}: {text}{hint}"
-                    )
-                } else {
-                    format!("request to registry {registry} for {what} failed: {text}{hint}")
-                }
+                self.transport(chain(e), e.is_timeout(), e.is_connect(), what)
             }
             OciDistributionError::DigestError(e) => {
                 format!("{what} from registry {registry} does not match its digest: {e}")
@@ -1216,6 +1282,11 @@ fn host_port(registry: &str, insecure: bool) -> (String, u16) {
 
 /// The `realm` of a `Bearer` challenge in a `WWW-Authenticate` value, unquoted.
 fn bearer_realm(challenge: &str) -> Option<String> {
+    bearer_param(challenge, "realm")
+}
+
+/// A parameter (`realm`, `service`) of a Bearer `WWW-Authenticate` challenge.
+fn bearer_param(challenge: &str, wanted: &str) -> Option<String> {
     let (scheme, params) = challenge.trim().split_once(char::is_whitespace)?;
     if !scheme.eq_ignore_ascii_case("bearer") {
         return None;
@@ -1244,7 +1315,7 @@ fn bearer_realm(challenge: &str) -> Option<String> {
             let end = after.find(',').unwrap_or(after.len());
             (after[..end].trim().to_owned(), &after[end..])
         };
-        if name.eq_ignore_ascii_case("realm") {
+        if name.eq_ignore_ascii_case(wanted) {
             return Some(value);
         }
         rest = remainder.trim_start().trim_start_matches(',').trim_start();
@@ -1252,7 +1323,6 @@ fn bearer_realm(challenge: &str) -> Option<String> {
     None
 }
 
-/// An error and its sources, without repeating a source its parent already quoted.
 /// The codes of a registry's error envelope (`{"errors":[{"code":"MANIFEST_UNKNOWN",...}]}`) with
 /// their messages, as registries document them; empty when the body is not one.
 fn error_codes(body: &[u8]) -> String {
@@ -1273,6 +1343,7 @@ fn error_codes(body: &[u8]) -> String {
     codes.join("; ")
 }
 
+/// An error and its sources, without repeating a source its parent already quoted.
 fn chain(error: &dyn std::error::Error) -> String {
     let mut text = error.to_string();
     let mut source = error.source();
