@@ -583,19 +583,18 @@ impl Chain {
         end_of_stream: bool,
         through: Option<usize>,
     ) -> Flow<Vec<u8>> {
-        let order = self.order(direction, through);
-        self.data_from(direction, &order, chunk, end_of_stream)
-            .await
+        let order = self.visits(direction, through);
+        self.data_from(direction, order, chunk, end_of_stream).await
     }
 
     async fn data_from(
         &mut self,
         direction: Direction,
-        order: &[usize],
+        order: impl Iterator<Item = usize>,
         mut chunk: Vec<u8>,
         eos: bool,
     ) -> Flow<Vec<u8>> {
-        for &index in order {
+        for index in order {
             if self.stages[index].context.is_none() {
                 continue;
             }
@@ -604,8 +603,14 @@ impl Chain {
                 return Ok(chunk);
             }
             let buffering = held.is_some();
-            let mut body = held.unwrap_or_default();
-            body.extend_from_slice(&chunk);
+            // A chunk nobody held moves on as it is, without a copy.
+            let body = match held {
+                Some(mut held) => {
+                    held.extend_from_slice(&chunk);
+                    held
+                }
+                None => std::mem::take(&mut chunk),
+            };
             // The limit bounds what plugins hold back; a body that streams through is not held.
             if buffering && body.len() > self.buffer_limit {
                 return Err(Self::over_limit(direction));
@@ -678,7 +683,7 @@ impl Chain {
             }
             // A body this plugin held goes on to the plugins after it, before the trailers.
             if let Some(held) = self.stages[index].held.take() {
-                let rest = &order[position + 1..];
+                let rest = order[position + 1..].iter().copied();
                 let passed = self.data_from(direction, rest, held, false).await?;
                 released.extend(passed);
             }

@@ -94,16 +94,12 @@ pub struct StreamData {
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub(crate) struct MapWindows {
     open: u8,
-    log: bool,
 }
 
 impl MapWindows {
     /// Every map open: for [`crate::Vm::call_export`], which reaches host functions outside any
     /// callback on purpose (tests and fuzzing).
-    pub const ALL: Self = Self {
-        open: u8::MAX,
-        log: false,
-    };
+    pub const ALL: Self = Self { open: u8::MAX };
 
     fn bit(map: MapType) -> u8 {
         match map {
@@ -128,17 +124,14 @@ impl MapWindows {
         self.close(MapType::HttpRequestTrailers);
     }
 
-    pub fn set_log(&mut self, log: bool) {
-        self.log = log;
-    }
-
     pub fn writable(&self, map: MapType) -> bool {
         self.open & Self::bit(map) != 0
     }
 
-    pub fn readable(&self, map: MapType) -> bool {
+    /// `logging`: `on_log` is running.
+    pub fn readable(&self, map: MapType, logging: bool) -> bool {
         self.writable(map)
-            || (self.log
+            || (logging
                 && matches!(
                     map,
                     MapType::HttpRequestHeaders
@@ -179,6 +172,7 @@ pub(crate) enum Phase {
     GrpcTrailingMetadata,
     GrpcClose,
     ForeignFunction,
+    Log,
     Other,
 }
 

@@ -393,11 +393,7 @@ impl Vm {
         context: u32,
         end_of_stream: bool,
     ) -> Result<Action, VmError> {
-        let count = self
-            .stream_or_err(context)?
-            .request_headers
-            .as_ref()
-            .map_or(0, |map| map.lock().len()) as u32;
+        let count = self.open_map(context, MapType::HttpRequestHeaders)?;
         self.headers_callback(
             callback!("proxy_on_request_headers"),
             context,
@@ -425,11 +421,7 @@ impl Vm {
     }
 
     pub fn on_request_trailers(&mut self, context: u32) -> Result<Action, VmError> {
-        let count = self
-            .stream_or_err(context)?
-            .request_trailers
-            .as_ref()
-            .map_or(0, |map| map.lock().len()) as u32;
+        let count = self.open_map(context, MapType::HttpRequestTrailers)?;
         self.map_callback(
             callback!("proxy_on_request_trailers"),
             context,
@@ -443,11 +435,7 @@ impl Vm {
         context: u32,
         end_of_stream: bool,
     ) -> Result<Action, VmError> {
-        let count = self
-            .stream_or_err(context)?
-            .response_headers
-            .as_ref()
-            .map_or(0, |map| map.lock().len()) as u32;
+        let count = self.open_map(context, MapType::HttpResponseHeaders)?;
         self.headers_callback(
             callback!("proxy_on_response_headers"),
             context,
@@ -475,11 +463,7 @@ impl Vm {
     }
 
     pub fn on_response_trailers(&mut self, context: u32) -> Result<Action, VmError> {
-        let count = self
-            .stream_or_err(context)?
-            .response_trailers
-            .as_ref()
-            .map_or(0, |map| map.lock().len()) as u32;
+        let count = self.open_map(context, MapType::HttpResponseTrailers)?;
         self.map_callback(
             callback!("proxy_on_response_trailers"),
             context,
@@ -586,13 +570,14 @@ impl Vm {
                 self.invoke::<u32, u32>(callback, context, Phase::Other, context)
                     .map(drop)
             } else {
-                // `on_log` reads the maps as the stream ended.
-                self.windows(context, |windows| windows.set_log(true));
-                let logged = self
-                    .invoke::<u32, ()>(callback, context, Phase::Other, context)
-                    .map(drop);
-                self.windows(context, |windows| windows.set_log(false));
-                logged
+                // `on_log` reads the maps as the stream ended (see `MapWindows`).
+                let phase = if callback == callback!("proxy_on_log") {
+                    Phase::Log
+                } else {
+                    Phase::Other
+                };
+                self.invoke::<u32, ()>(callback, context, phase, context)
+                    .map(drop)
             };
             if let Err(error) = outcome {
                 result = Err(error);
@@ -940,8 +925,8 @@ impl Vm {
         }
     }
 
-    /// A callback that opens `map` to the plugin; a plugin that pauses keeps it open until the
-    /// stream continues (see [`MapWindows`]).
+    /// A callback on `map` (opened by [`Self::open_map`]); a plugin that pauses keeps it open
+    /// until the stream continues (see [`MapWindows`]).
     fn map_callback<P: WasmParams + TraceArgs + 'static>(
         &mut self,
         callback: CallbackId,
@@ -949,12 +934,29 @@ impl Vm {
         map: MapType,
         params: P,
     ) -> Result<Action, VmError> {
-        self.windows(context, |windows| windows.open(map));
         let action = self.action(callback, context, params)?;
         if action.is_continue() {
             self.windows(context, |windows| windows.close(map));
         }
         Ok(action)
+    }
+
+    /// Opens `map` to the plugin for the callback about to run on it; returns its field count.
+    fn open_map(&mut self, context: u32, map: MapType) -> Result<u32, VmError> {
+        let stream = match self.store.data_mut().contexts.get_mut(&context) {
+            Some(found) if !found.is_root(context) => {
+                found.windows.open(map);
+                &found.stream
+            }
+            _ => return Err(VmError::UnknownContext(context)),
+        };
+        let slot = match map {
+            MapType::HttpRequestHeaders => &stream.request_headers,
+            MapType::HttpRequestTrailers => &stream.request_trailers,
+            MapType::HttpResponseHeaders => &stream.response_headers,
+            _ => &stream.response_trailers,
+        };
+        Ok(slot.as_ref().map_or(0, |map| map.lock().len()) as u32)
     }
 
     fn windows(&mut self, context: u32, change: impl FnOnce(&mut MapWindows)) {

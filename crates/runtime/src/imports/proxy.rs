@@ -847,7 +847,7 @@ fn is_stream_map(map: MapType) -> bool {
 fn map_ref(state: &VmState, map: MapType) -> Option<MapView<'_>> {
     let stream = state
         .effective_context()
-        .filter(|ctx| ctx.windows.readable(map))
+        .filter(|ctx| ctx.windows.readable(map, state.phase == Phase::Log))
         .map(|ctx| &ctx.stream);
     let shared = match map {
         MapType::HttpRequestHeaders => stream?.request_headers.as_ref(),
