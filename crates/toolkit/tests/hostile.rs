@@ -447,6 +447,14 @@ fn statuses_for_bad_ids_and_unavailable_maps() {
         "call answers are read-only"
     );
     assert_eq!(
+        p.status(
+            "proxy_get_header_map_value",
+            &[6, DATA_AT, 4, out[0], out[1]]
+        ),
+        s(Status::BadArgument),
+        "no call answer outside its callback (nor after a failed call), as in Envoy"
+    );
+    assert_eq!(
         p.status("proxy_set_buffer_bytes", &[4, 0, 0, DATA_AT, 4]),
         s(Status::BadArgument)
     );

@@ -458,11 +458,16 @@ impl Context for KitchenHttp {
     fn on_http_call_response(
         &mut self,
         _token_id: u32,
-        _num_headers: usize,
+        num_headers: usize,
         body_size: usize,
         _num_trailers: usize,
     ) {
-        let status = self.get_http_call_response_header(":status");
+        // A failed call has no headers: reading one is BAD_ARGUMENT in Envoy, a panic in the SDK.
+        let status = if num_headers > 0 {
+            self.get_http_call_response_header(":status")
+        } else {
+            None
+        };
         self.set_request("call-status", status.as_deref().unwrap_or("none"));
         let body = self.get_http_call_response_body(0, body_size);
         self.set_request("call-body", &lossy_or_none(body.as_deref()));

@@ -115,9 +115,14 @@ impl Callout {
 }
 
 impl Context for Callout {
-    fn on_http_call_response(&mut self, _token: u32, _headers: usize, _body: usize, _trailers: usize) {
+    fn on_http_call_response(&mut self, _token: u32, headers: usize, _body: usize, _trailers: usize) {
         let _ = hostcalls::increment_metric(self.answers, 1);
-        let status = self.get_http_call_response_header(":status");
+        // A failed call has no headers: reading one is BAD_ARGUMENT in Envoy, a panic in the SDK.
+        let status = if headers > 0 {
+            self.get_http_call_response_header(":status")
+        } else {
+            None
+        };
         if status.as_deref() == Some("200") {
             self.state = State::Allowed;
             if self.config.phase == "upstream_data" {

@@ -224,10 +224,10 @@ pub(crate) fn add_to_linker(
             })?;
             match value {
                 Some(Some(value)) => return_bytes(c, &value, p, n),
-                // A stream map outside its window: Envoy answers BAD_ARGUMENT. A callout's
-                // answer that has no headers (the call failed) reads as empty.
-                None if is_stream_map(map) => Err(Status::BadArgument.into()),
-                Some(None) | None => Err(Status::NotFound.into()),
+                Some(None) => Err(Status::NotFound.into()),
+                // No such map now: a stream map outside its window, or a callout answer outside
+                // its callback or from a call that failed. Envoy answers BAD_ARGUMENT.
+                None => Err(Status::BadArgument.into()),
             }
         }
     );
@@ -831,16 +831,6 @@ impl std::ops::Deref for MapView<'_> {
             Self::Callout(map) => map,
         }
     }
-}
-
-fn is_stream_map(map: MapType) -> bool {
-    matches!(
-        map,
-        MapType::HttpRequestHeaders
-            | MapType::HttpRequestTrailers
-            | MapType::HttpResponseHeaders
-            | MapType::HttpResponseTrailers
-    )
 }
 
 /// A map the plugin may read now, or `None` (absent, or outside its window: see `MapWindows`).
