@@ -241,6 +241,51 @@ cases:
 }
 
 #[test]
+fn a_yaml_or_json_config_file_reaches_the_plugin_as_json() {
+    let dir = tempfile::tempdir().unwrap();
+    let cases = write_cases(
+        dir.path(),
+        r#"
+cases:
+  - name: configured from the file
+    expect:
+      upstream_request: { headers: { x-from-file: "yes" } }
+      response: { headers_absent: [hello] }
+"#,
+    );
+    for (name, text) in [
+        (
+            "config.yaml",
+            "name: x-from-file\nvalue: \"yes\"\nside: request\n",
+        ),
+        (
+            "config.json",
+            r#"{"name": "x-from-file", "value": "yes", "side": "request"}"#,
+        ),
+    ] {
+        let config = dir.path().join(name);
+        std::fs::write(&config, text).unwrap();
+        let output = plugin_test(
+            &plugin("add_header"),
+            &cases,
+            &["--config", config.to_str().unwrap()],
+        );
+        assert_passes(&output, 1);
+    }
+    // A structured file that does not parse is refused, naming it.
+    let config = dir.path().join("broken.yaml");
+    std::fs::write(&config, "name: [unclosed").unwrap();
+    let output = plugin_test(
+        &plugin("add_header"),
+        &cases,
+        &["--config", config.to_str().unwrap()],
+    );
+    assert_eq!(output.status.code(), Some(2), "{}", stdout(&output));
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(stderr.contains("broken.yaml"), "{stderr}");
+}
+
+#[test]
 fn bad_inputs_exit_2_naming_the_file_and_field() {
     let dir = tempfile::tempdir().unwrap();
     for (text, message) in [
