@@ -86,12 +86,12 @@ clusters:
     // All plugins, then off again.
     assert_eq!(post(gateway.admin, "/logging?wasm=trace").0, 200);
     assert_eq!(get(listener, "/all", "").0, 200);
+    // The stream ends in the plugins (on_log, on_done, on_delete) after the response has gone:
+    // wait for its last callback, the second plugin's on_delete, before counting trace lines.
     assert!(eventually(Duration::from_secs(5), || {
-        !lines_with(
-            &gateway.stderr.lock(),
-            &["[host->vm] proxy_on_request_headers(", "second"],
-        )
-        .is_empty()
+        let log = gateway.stderr.lock();
+        !lines_with(&log, &["[host->vm] proxy_on_request_headers(", "second"]).is_empty()
+            && !lines_with(&log, &["[host<-vm] proxy_on_delete return", "second"]).is_empty()
     }));
     assert_eq!(post(gateway.admin, "/logging?wasm=info").0, 200);
     let before = gateway.stderr.lock().matches("[host->vm]").count();
