@@ -551,8 +551,12 @@ impl Chain {
         part: MapPart,
         callback: impl FnOnce(&mut Vm, u32) -> Result<Action, VmError>,
     ) -> Flow<bool> {
-        let before = (self.stages[index].plugin.spec.failure_policy == FailurePolicy::FailOpen)
-            .then(|| map.snapshot());
+        let stage = &self.stages[index];
+        if stage.context.is_none() {
+            return Ok(false);
+        }
+        let before =
+            (stage.plugin.spec.failure_policy == FailurePolicy::FailOpen).then(|| map.snapshot());
         let installed = self.vm_stream(index, |stream| {
             let slot = part.slot(stream, direction);
             if !slot.as_ref().is_some_and(|shared| shared.same(map)) {

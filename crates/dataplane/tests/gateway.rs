@@ -261,25 +261,6 @@ async fn a_chain_runs_requests_in_order_and_responses_in_reverse() {
     assert_eq!(request, vec!["first", "second"]);
 }
 
-/// A body of one data frame and then trailers, as a gRPC client sends it.
-struct WithTrailers(Option<Bytes>, Option<http::HeaderMap>);
-
-impl http_body::Body for WithTrailers {
-    type Data = Bytes;
-    type Error = Infallible;
-
-    fn poll_frame(
-        mut self: std::pin::Pin<&mut Self>,
-        _: &mut std::task::Context<'_>,
-    ) -> std::task::Poll<Option<Result<Frame<Bytes>, Infallible>>> {
-        let frame = match self.0.take() {
-            Some(data) => Some(Frame::data(data)),
-            None => self.1.take().map(Frame::trailers),
-        };
-        std::task::Poll::Ready(frame.map(Ok))
-    }
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn request_trailers_reach_the_plugin_and_the_upstream_as_the_plugin_left_them() {
     let up = upstream().await;
@@ -298,11 +279,11 @@ async fn request_trailers_reach_the_plugin_and_the_upstream_as_the_plugin_left_t
     let gw = Gateway::start(runtime, spec);
     let client = Client::builder(TokioExecutor::new())
         .http2_only(true)
-        .build_http::<WithTrailers>();
+        .build_http::<GrpcBody>();
     let mut trailers = http::HeaderMap::new();
     trailers.insert("x-client-trailer", "yes".parse().unwrap());
     let request = Request::post(format!("http://{}/trailers", gw.address))
-        .body(WithTrailers(Some(Bytes::from("payload")), Some(trailers)))
+        .body(GrpcBody::Once(Some(Bytes::from("payload")), Some(trailers)))
         .unwrap();
     let response = client.request(request).await.expect("the gateway answers");
     assert_eq!(response.status(), 200);
@@ -644,7 +625,7 @@ async fn grpc_server() -> SocketAddr {
     address
 }
 
-/// A gRPC answer: one data frame then trailers, or frames from a channel.
+/// A body as gRPC sends it: one data frame then trailers, or frames from a channel.
 enum GrpcBody {
     Once(Option<Bytes>, Option<http::HeaderMap>),
     Channel(tokio::sync::mpsc::Receiver<Frame<Bytes>>),

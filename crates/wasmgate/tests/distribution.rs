@@ -743,16 +743,6 @@ fn push_an_oci_image_layout_as_it_is_and_pull_it_back() {
     assert!(message.contains("does not match its digest"), "{message}");
 }
 
-/// A value of the gateway's `/stats/prometheus`.
-fn metric(admin: std::net::SocketAddr, name: &str) -> u64 {
-    let (_, stats) = get(admin, "/stats/prometheus", "");
-    stats
-        .lines()
-        .find_map(|l| l.strip_prefix(&format!("{name} ")))
-        .and_then(|v| v.trim().parse().ok())
-        .unwrap_or_else(|| panic!("{name} in\n{stats}"))
-}
-
 /// Writes `text` to `path` through a rename from the folder above, so a gateway watching the
 /// file's folder sees one whole change.
 fn replace_file(path: &Path, text: &str) {

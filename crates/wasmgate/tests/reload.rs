@@ -26,15 +26,6 @@ fn replace(path: &Path, text: &str) {
     std::fs::rename(&temporary, path).unwrap();
 }
 
-fn metric(admin: std::net::SocketAddr, name: &str) -> u64 {
-    let (_, stats) = get(admin, "/stats/prometheus", "");
-    stats
-        .lines()
-        .find_map(|l| l.strip_prefix(&format!("{name} ")))
-        .and_then(|v| v.trim().parse().ok())
-        .unwrap_or_else(|| panic!("{name} in\n{stats}"))
-}
-
 fn header<'a>(answer: &'a str, name: &str) -> Option<&'a str> {
     answer
         .lines()

@@ -143,6 +143,16 @@ pub fn get(address: SocketAddr, path: &str, extra: &str) -> (u16, String) {
     )
 }
 
+/// A value of the gateway's `/stats/prometheus`; panics, showing the page, when it is not there.
+pub fn metric(admin: SocketAddr, name: &str) -> u64 {
+    let (_, stats) = get(admin, "/stats/prometheus", "");
+    stats
+        .lines()
+        .find_map(|l| l.strip_prefix(&format!("{name} ")))
+        .and_then(|v| v.trim().parse().ok())
+        .unwrap_or_else(|| panic!("{name} in\n{stats}"))
+}
+
 /// Reads a request's line and headers (the tests' requests have no body); `None` if the client
 /// went away first.
 fn read_request_head(stream: &mut TcpStream) -> Option<String> {
